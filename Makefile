@@ -1,0 +1,39 @@
+# Two commands for a fresh clone: `make run` (the pipeline) and `make test` (the tests).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+PORT ?= 3000
+
+.PHONY: setup data run test lint serve bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# The default dataset is generated, not downloaded: byte for byte what data.dvc records.
+data: setup
+	@if [ ! -d data ]; then python -m pipeline.datasets digits --out data; fi
+
+run: data
+	dvc repro
+
+test: setup
+	python -m pytest
+
+lint: setup
+	ruff check .
+
+serve: setup
+	python -m serving.store import-export artifacts/export
+	PORT=$(PORT) bentoml serve serving.service:Classifier --port $(PORT)
+
+bench: setup
+	python bench/preprocess.py
+
+clean:
+	rm -rf artifacts metrics plots mlflow.db
