@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 # Channels per conv, "M" = 2×2 max pool (torchvision's cfgs["D"]).
-CFG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+CFG_D: list[int | str] = [
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"
+]  # fmt: skip
 
 
 def make_features(cfg: list[int | str], in_channels: int, batch_norm: bool) -> nn.Sequential:

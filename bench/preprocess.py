@@ -1,0 +1,147 @@
+"""Preprocess throughput on photographs: our stage against the loop a user would write.
+
+    python bench/preprocess.py [--images 300] [--size 224]
+
+The corpus is built once into bench/.cache/photos/<class>/<i>.jpg from the two photographs
+that ship in scikit-learn's wheel: random crops, rescaled to 0.3–3 megapixels, JPEG quality
+70–95. Both contenders read the same files in the same run:
+
+  stage     pipeline.preprocess.preprocess_folder (all cores, hashing and .npy writing included)
+  baseline  one process: PIL open → exif_transpose → RGB → torchvision Resize + CenterCrop → numpy
+
+Peak memory of the stage is measured in a fresh subprocess for N/2 and N images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from pipeline.config import PreprocessParams  # noqa: E402
+from pipeline.preprocess import SPLITS, preprocess_folder  # noqa: E402
+
+CACHE = ROOT / "bench" / ".cache" / "photos"
+CLASSES = ("a", "b", "c")
+
+
+def build_corpus(root: Path, count: int, seed: int = 0) -> list[Path]:
+    """Write ``count`` JPEGs of 0.3–3 MP (random crop, rescale, quality); reuse them if already there."""
+    spec = {"count": count, "seed": seed, "version": 1}
+    marker = root / ".spec.json"  # hidden: the stage ignores it
+    files = [root / CLASSES[i % len(CLASSES)] / f"{i:04d}.jpg" for i in range(count)]
+    if marker.exists() and json.loads(marker.read_text()) == spec and all(f.exists() for f in files):
+        return files
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]  # 2 × 640×427
+    rng = np.random.default_rng(seed)
+    for i, path in enumerate(files):
+        photo = photos[i % len(photos)]
+        w, h = int(photo.width * rng.uniform(0.5, 1.0)), int(photo.height * rng.uniform(0.5, 1.0))
+        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        scale = np.sqrt(rng.uniform(0.3e6, 3.0e6) / (w * h))
+        crop = photo.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC,
+                            box=(left, top, left + w, top + h))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(path, "JPEG", quality=int(rng.integers(70, 96)))
+    marker.write_text(json.dumps(spec))
+    return files
+
+
+def baseline(files: list[Path], size: int) -> dict[str, np.ndarray]:
+    """What a user would write: a sequential PIL + torchvision loop."""
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+    out = {}
+    for path in files:
+        with Image.open(path) as img:
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
+        out[path.relative_to(CACHE).as_posix()] = np.asarray(transform(rgb)).transpose(2, 0, 1)
+    return out
+
+
+def run_stage(data: Path, out: Path, size: int) -> dict:
+    params = PreprocessParams(size=size, channels=3, val_fraction=0.1, test_fraction=0.1, workers=0)
+    return preprocess_folder(data, out, params, seed=0)
+
+
+def peak_rss_mb(data: Path, size: int) -> tuple[float, float]:
+    """(main process, largest worker) peak RSS in MiB of the stage run in a fresh interpreter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, __file__, "--rss-of", str(data), "--out", tmp, "--size", str(size)],
+                              check=True, capture_output=True, text=True)
+    main, workers = json.loads(done.stdout.strip().splitlines()[-1])
+    return main / 1024, workers / 1024  # ru_maxrss is in KiB on Linux
+
+
+def subset(files: list[Path], count: int, into: Path) -> Path:
+    """A folder of symlinks to the first ``count`` files, same class layout."""
+    for path in files[:count]:
+        link = into / path.parent.name / path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    return into
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=300, help="corpus size (default: 300)")
+    parser.add_argument("--size", type=int, default=224, help="output side (default: 224)")
+    parser.add_argument("--rss-of", type=Path, help=argparse.SUPPRESS)  # internal: child for peak RSS
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_of:
+        run_stage(args.rss_of, args.out / "out", args.size)
+        usage = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        print(json.dumps(usage))
+        return
+
+    files = build_corpus(CACHE, args.images)
+    megapixels = [Image.open(f).size for f in files]
+    megapixels = np.array([w * h / 1e6 for w, h in megapixels])
+    print(f"corpus: {len(files)} JPEGs, {megapixels.min():.2f}–{megapixels.max():.2f} MP "
+          f"(mean {megapixels.mean():.2f}), {sum(f.stat().st_size for f in files) / 2**20:.0f} MiB, "
+          f"{os.cpu_count()} cores")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        manifest = run_stage(CACHE, Path(tmp) / "out", args.size)
+        stage_s = time.perf_counter() - start
+        arrays = {s: np.load(Path(tmp) / "out" / f"{s}_images.npy") for s in SPLITS}
+        ours = {row["path"]: arrays[row["split"]][row["index"]] for row in manifest["files"]}
+
+    start = time.perf_counter()
+    theirs = baseline(files, args.size)
+    baseline_s = time.perf_counter() - start
+
+    diffs = np.array([np.abs(ours[p].astype(np.int16) - theirs[p].astype(np.int16)).mean() for p in theirs])
+    n = len(files)
+    print(f"{'':10}{'seconds':>9}{'images/s':>10}")
+    print(f"{'stage':10}{stage_s:9.2f}{n / stage_s:10.1f}")
+    print(f"{'baseline':10}{baseline_s:9.2f}{n / baseline_s:10.1f}")
+    print(f"speed-up: {baseline_s / stage_s:.1f}x (target >= 4x)")
+    print(f"mean abs pixel diff, stage vs baseline: {diffs.mean():.2f} (worst image {diffs.max():.2f}) of 255")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        half = subset(files, n // 2, Path(tmp))
+        for label, data, count in (("N", half, n // 2), ("2N", CACHE, n)):
+            main_mb, worker_mb = peak_rss_mb(data, args.size)
+            print(f"peak RSS {label:>2} = {count:4d} images: main {main_mb:6.0f} MiB, largest worker {worker_mb:6.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

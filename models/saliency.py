@@ -1,0 +1,308 @@
+"""ONNX-exportable classifier and saliency graphs (uint8 image in, normalisation inside).
+
+``torch.autograd.grad`` cannot be exported, so :class:`SaliencyGraph` writes the backward pass
+out as ordinary tensor ops, layer by layer, over the model's ``features`` → ``avgpool`` →
+flatten → ``classifier`` sequence (see DESIGN.md, "How saliency gets into ONNX"):
+
+=================  ==========================================================================
+layer              gradient rule (g = gradient w.r.t. the layer's output, y = its output)
+=================  ==========================================================================
+Linear             ``g @ W``
+ReLU / Tanh        ``g * (y > 0)`` / ``g * (1 - y²)``; guided: then ``clamp(min=0)``
+Conv2d             ``conv_transpose2d`` with the same weight, stride, padding, dilation and
+                   the ``output_padding`` that restores the input size
+MaxPool2d          forward with ``return_indices=True``, backward ``scatter_add`` into zeros
+                   (accumulates where windows overlap, like autograd)
+AdaptiveAvgPool2d  a constant matrix P (fixed feature size): forward ``x @ Pᵀ``, backward ``g @ P``
+BatchNorm2d        ``g * weight / sqrt(running_var + eps)`` (eval statistics)
+Dropout, Identity  identity; Flatten → reshape
+=================  ==========================================================================
+
+Conventions of the outputs:
+
+* ``gradient`` and ``guided`` are derivatives of the target class *logit* with respect to the
+  image scaled to 0–1 (``uint8 / 255``), i.e. chained through the mean/std normalisation.
+* Guided backpropagation (Springenberg et al. 2015) lets only positive gradient signals
+  through every nonlinearity: at a ReLU ``(g * (y > 0)).clamp(min=0)``. We apply the same
+  rule at Tanh, ``(g * (1 - y²)).clamp(min=0)``, so LeNet-5 gets a guided map too.
+* Grad-CAM (Selvaraju et al. 2017) is taken at the output of the last activation that follows
+  the last Conv2d in ``features``; it is upsampled bilinearly to the input and divided by its
+  per-image maximum, so it lies in [0, 1].
+
+Export uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the torch 2.x
+default), opset 18, batch dimension dynamic; :func:`export_onnx` writes a single self-contained
+``.onnx`` file with metadata props, atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Layers SaliencyGraph knows how to differentiate; anything else is refused at construction.
+_SUPPORTED = (
+    nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Tanh, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+    nn.Dropout, nn.Identity, nn.Flatten, nn.Linear,
+)
+
+
+class Normalize(nn.Module):
+    """uint8 image (N, C, H, W) → float ``(x / 255 - mean) / std`` per channel.
+
+    Args:
+        mean: per-channel mean, 0–1 scale (one value per image channel).
+        std: per-channel standard deviation, 0–1 scale.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std differ in length: {list(mean)} vs {list(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # The buffers' dtype, not float32: a float64 copy of a graph then computes in float64 throughout.
+        return (image.to(self.mean.dtype) / 255 - self.mean) / self.std
+
+
+class ClassifierGraph(nn.Module):
+    """``classifier.onnx``: uint8 image → (logits, softmax probabilities), both (N, K).
+
+    Puts ``model`` in eval mode and freezes its parameters.
+
+    Args:
+        model: a network from :mod:`models` (any ``nn.Module`` taking normalised images works).
+        mean: per-channel mean of the training images, 0–1 scale.
+        std: per-channel standard deviation, 0–1 scale.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model.eval().requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ClassifierGraph:
+        return super().train(False)  # an export graph is always in inference mode
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(self.normalize(image))
+        return logits, logits.softmax(dim=1)
+
+
+class SaliencyGraph(nn.Module):
+    """``saliency.onnx``: (uint8 image, int64 target) → (logits, gradient, guided, gradcam).
+
+    Puts ``model`` in eval mode and freezes its parameters.
+
+    Args:
+        model: a network with ``features`` and ``classifier`` (``nn.Sequential``) and an optional
+            ``avgpool``, whose forward is features → avgpool → flatten → classifier.
+        mean: per-channel mean of the training images, 0–1 scale.
+        std: per-channel standard deviation, 0–1 scale.
+        image_size: the square input side the graph is built for; fixes every feature-map size
+            (conv output paddings, the adaptive-pool matrix).
+    """
+
+    def __init__(
+        self, model: nn.Module, mean: Sequence[float], std: Sequence[float], image_size: int
+    ) -> None:
+        super().__init__()
+        model.eval().requires_grad_(False)
+        self.normalize = Normalize(mean, std)
+        avgpool = getattr(model, "avgpool", None) or nn.Identity()  # LeNet-5 has none
+        self.layers = nn.ModuleList([*model.features, avgpool, nn.Flatten(), *model.classifier])
+        for layer in self.layers:
+            if not isinstance(layer, _SUPPORTED):
+                raise TypeError(f"SaliencyGraph cannot differentiate {type(layer).__name__}")
+            if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or isinstance(layer.padding, str)):
+                raise TypeError(f"SaliencyGraph supports only groups=1, numeric padding convs: {layer}")
+
+        # Grad-CAM layer: the last activation after the last conv (features come first in layers).
+        feats = list(model.features)
+        last_conv = max((i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)), default=-1)
+        acts = [i for i, m in enumerate(feats) if i > last_conv and isinstance(m, (nn.ReLU, nn.Tanh))]
+        if last_conv < 0 or not acts:
+            raise ValueError("SaliencyGraph needs a Conv2d followed by a ReLU/Tanh in model.features")
+        self.cam_index = acts[-1]
+
+        # One probe pass fixes every shape; only the batch dimension stays dynamic in the graph.
+        first = next(m for m in feats if isinstance(m, nn.Conv2d))
+        x = torch.zeros(1, first.in_channels, image_size, image_size, dtype=first.weight.dtype)
+        self.output_padding: dict[int, tuple[int, int]] = {}
+        for i, layer in enumerate(self.layers):
+            y = layer(x)
+            if isinstance(layer, nn.Conv2d):
+                self.output_padding[i] = _conv_output_padding(layer, x.shape[-2:], y.shape[-2:])
+            elif isinstance(layer, nn.AdaptiveAvgPool2d):
+                # (Ho*Wo, H*W): row o holds the averaging weights of output pixel o.
+                h, w = x.shape[-2:]
+                basis = torch.eye(h * w, dtype=x.dtype).view(h * w, 1, h, w)
+                self.register_buffer(f"pool{i}", F.adaptive_avg_pool2d(basis, layer.output_size).flatten(1).T)
+            x = y
+        self.image_size = image_size
+        self.train(False)
+
+    def train(self, mode: bool = True) -> SaliencyGraph:
+        return super().train(False)  # an export graph is always in inference mode
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits and saliency maps for the ``target`` class (−1 = the predicted class).
+
+        Args:
+            image: uint8 (N, C, H, W) at ``image_size``.
+            target: int64 (N,) class index per image, −1 for the argmax of the logits. An index
+                outside [0, K) gives all-zero maps.
+
+        Returns:
+            logits (N, K); gradient and guided (N, C, H, W), d logit / d (image / 255);
+            gradcam (N, H, W) in [0, 1].
+        """
+        outs, indices = self._forward(self.normalize(image))
+        logits = outs[-1]  # (N, K)
+        target = torch.where(target < 0, logits.argmax(dim=1), target)
+        # d(selected logit)/d(logits) = one-hot row; arange == target exports everywhere.
+        seed = (torch.arange(logits.shape[1], device=logits.device) == target[:, None]).to(logits.dtype)
+
+        grad, cam_grad = self._backward(seed, outs, indices, guided=False)
+        guided, _ = self._backward(seed, outs, indices, guided=True)
+        # Chain through (x - mean) / std: d/dx = g / std, so the maps are w.r.t. the 0–1 image.
+        grad = grad / self.normalize.std
+        guided = guided / self.normalize.std
+
+        act = outs[self.cam_index + 1]  # (N, C', h, w) output of the Grad-CAM layer
+        weights = cam_grad.mean(dim=(2, 3), keepdim=True)  # (N, C', 1, 1)
+        cam = (weights * act).sum(dim=1, keepdim=True).relu()  # (N, 1, h, w)
+        cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)
+        return logits, grad, guided, cam
+
+    def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+        """Run the layers, keeping what backward needs: outs[i] is the input of layer i
+        (outs[-1] the logits) and indices[i] the argmax positions of max-pool layer i."""
+        outs, indices = [x], {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, nn.MaxPool2d):
+                x, indices[i] = F.max_pool2d(
+                    x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                    ceil_mode=layer.ceil_mode, return_indices=True,
+                )
+            elif isinstance(layer, nn.AdaptiveAvgPool2d):
+                pool = getattr(self, f"pool{i}")  # (Ho*Wo, H*W)
+                ho, wo = _pair(layer.output_size)
+                x = (x.flatten(2) @ pool.T).unflatten(2, (ho, wo))
+            else:
+                x = layer(x)
+            outs.append(x)
+        return outs, indices
+
+    def _backward(
+        self, g: torch.Tensor, outs: list[torch.Tensor], indices: dict[int, torch.Tensor], guided: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Propagate ``g`` (gradient w.r.t. the logits) to the normalised input.
+
+        Returns:
+            The input gradient and the gradient at the Grad-CAM layer's output.
+        """
+        cam_grad = g
+        for i in reversed(range(len(self.layers))):
+            layer, x, y = self.layers[i], outs[i], outs[i + 1]
+            if i == self.cam_index:
+                cam_grad = g
+            if isinstance(layer, nn.Linear):
+                g = g @ layer.weight
+            elif isinstance(layer, (nn.ReLU, nn.Tanh)):
+                g = g * (y > 0) if isinstance(layer, nn.ReLU) else g * (1 - y * y)
+                if guided:
+                    g = g.clamp(min=0)
+            elif isinstance(layer, nn.Conv2d):
+                g = F.conv_transpose2d(
+                    g, layer.weight, None, layer.stride, layer.padding, self.output_padding[i],
+                    groups=1, dilation=layer.dilation,
+                )
+            elif isinstance(layer, nn.MaxPool2d):
+                # Each output's gradient goes to the input pixel it came from (per-plane index).
+                g = torch.zeros_like(x).flatten(2).scatter_add(2, indices[i].flatten(2), g.flatten(2))
+                g = g.view_as(x)
+            elif isinstance(layer, nn.AdaptiveAvgPool2d):
+                g = (g.flatten(2) @ getattr(self, f"pool{i}")).view_as(x)
+            elif isinstance(layer, nn.BatchNorm2d):
+                g = g * (layer.weight / torch.sqrt(layer.running_var + layer.eps)).view(1, -1, 1, 1)
+            elif isinstance(layer, nn.Flatten):
+                g = g.view_as(x)
+            # Dropout (eval) and Identity pass g through unchanged.
+        return g, cam_grad
+
+
+def _pair(v: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _conv_output_padding(conv: nn.Conv2d, size_in: Sequence[int], size_out: Sequence[int]) -> tuple[int, int]:
+    """The ``output_padding`` that makes ``conv_transpose2d`` return exactly ``size_in``: a strided
+    conv maps several input sizes to one output size, the transpose must pick the right one."""
+    return tuple(  # type: ignore[return-value]
+        h - ((ho - 1) * s - 2 * p + d * (k - 1) + 1)
+        for h, ho, s, p, d, k in zip(
+            size_in, size_out, conv.stride, conv.padding, conv.dilation, conv.kernel_size, strict=True
+        )
+    )
+
+
+def export_onnx(
+    module: nn.Module,
+    path: str | Path,
+    example_inputs: tuple[torch.Tensor, ...],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    metadata: dict[str, str],
+    opset: int = 18,
+) -> None:
+    """Export ``module`` to one self-contained ONNX file, batch dimension dynamic.
+
+    The file is written next to ``path`` under a temporary name, checked with
+    ``onnx.checker`` and then renamed over ``path``, so readers never see half a model.
+
+    Args:
+        module: the graph to export (e.g. :class:`ClassifierGraph`, :class:`SaliencyGraph`).
+        path: destination ``.onnx`` file.
+        example_inputs: one example per input; use a batch of at least 2 so the exporter
+            cannot specialise the batch dimension to 1.
+        input_names: ONNX names of the inputs, in order.
+        output_names: ONNX names of the outputs, in order.
+        metadata: string key/values stored as the model's ``metadata_props``.
+        opset: ONNX opset version (>= 17).
+    """
+    import onnx  # only the export stage needs it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # Every input names its axis 0 "batch"; the exporter warns that it merges equal names.
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
+        program = torch.onnx.export(
+            module.eval(),
+            example_inputs,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=tuple({0: "batch"} for _ in example_inputs),
+            verbose=False,
+        )
+    proto = program.model_proto  # weights included: we write the file ourselves, in one piece
+    onnx.helper.set_model_props(proto, {k: str(v) for k, v in metadata.items()})
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(proto, tmp, save_as_external_data=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,227 @@
+"""Evaluate stage: top-1/top-5, per-class metrics and pictures on the test split.
+
+    python -m pipeline.evaluate --data artifacts/preprocessed --model artifacts/train/model.pt
+
+Logs into the training run (same MLflow run id), writes ``metrics/eval.json`` for
+``dvc metrics`` and ``plots/eval/*.json`` for ``dvc plots``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import build_model
+from models.saliency import SaliencyGraph
+from pipeline import tracking
+from pipeline.config import load_params
+from pipeline.train import Context, batches, load_split, to_input, write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_trained(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The best weights saved by ``train`` and their config (classes, size, mean/std)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained model; run the train stage first (dvc repro train)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    config = saved["config"]
+    model = build_model(config["model"], len(config["classes"]), config["channels"], config["image_size"])
+    model.load_state_dict(saved["model"])
+    return model.eval(), config
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: np.ndarray, config: dict, batch_size: int = 256) -> np.ndarray:
+    """Float32 logits N×K for uint8 images, normalised with the training mean/std."""
+    ctx = Context(torch.device("cpu"), torch.tensor(config["mean"]).view(1, -1, 1, 1),
+                  torch.tensor(config["std"]).view(1, -1, 1, 1))
+    out = [model(to_input(x, ctx.mean, ctx.std, ctx.device, False)).float().numpy()
+           for x, _ in batches(images, np.zeros(len(images), dtype=np.int64), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """Top-1, top-k (k = min(5, classes)), loss, per-class precision/recall, confusion matrix."""
+    k = min(5, len(classes))
+    shifted = logits - logits.max(1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    ranked = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    predicted = ranked[:, 0]
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros_like(tp), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros_like(tp), where=confusion.sum(1) > 0)
+    return {
+        "top1": float((predicted == labels).mean()),
+        "top5": float((ranked == labels[:, None]).any(1).mean()),
+        "top5_k": k,
+        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "samples": int(len(labels)),
+        "per_class": {name: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
+                             "support": int(confusion[i].sum())} for i, name in enumerate(classes)},
+        "confusion": confusion.tolist(),
+    }
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> None:
+    plt = _plt()
+    size = max(4, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    for (i, j), value in np.ndenumerate(confusion):
+        if value:
+            ax.text(j, i, str(value), ha="center", va="center",
+                    color="white" if value > confusion.max() / 2 else "black", fontsize=8)
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="actual", title="Confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """uint8 C×H×W on an axis."""
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(image.transpose(1, 2, 0))
+    ax.axis("off")
+
+
+def plot_mistakes(images: np.ndarray, labels: np.ndarray, logits: np.ndarray, classes: list[str],
+                  path: Path, count: int = 16) -> int:
+    """A grid of the most confident mistakes; returns how many were drawn."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    predicted = probs.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:count]
+    plt = _plt()
+    cols = 4
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        _show(ax, images[i])
+        ax.set_title(f"{classes[predicted[i]]} ({probs[i, predicted[i]]:.2f})\ntrue {classes[labels[i]]}", fontsize=8)
+    if not len(wrong):
+        axes[0, 0].set_title("no mistakes on the test split")
+    fig.suptitle("Most confident mistakes: predicted (probability), true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(wrong)
+
+
+def plot_saliency(model: torch.nn.Module, config: dict, images: np.ndarray, labels: np.ndarray,
+                  path: Path, per_class: int = 2) -> None:
+    """Image, guided backpropagation and Grad-CAM overlay for a few test images of each class."""
+    classes = config["classes"]
+    picks = [i for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:per_class]]
+    if not picks:
+        return
+    graph = SaliencyGraph(model, config["mean"], config["std"], config["image_size"])
+    with torch.no_grad():
+        logits, _, guided, gradcam = graph(torch.from_numpy(np.ascontiguousarray(images[picks])),
+                                           torch.full((len(picks),), -1, dtype=torch.int64))
+    plt = _plt()
+    fig, axes = plt.subplots(len(picks), 3, figsize=(7, 2.3 * len(picks)), squeeze=False)
+    for row, i in enumerate(picks):
+        image = images[i]
+        guided_map = guided[row].abs().amax(0).numpy()
+        _show(axes[row, 0], image)
+        axes[row, 0].set_title(f"true {classes[labels[i]]}, predicted {classes[int(logits[row].argmax())]}",
+                               fontsize=7)
+        axes[row, 1].imshow(guided_map / (guided_map.max() + 1e-12), cmap="inferno")
+        axes[row, 1].set_title("guided backprop", fontsize=7)
+        axes[row, 1].axis("off")
+        _show(axes[row, 2], image)
+        axes[row, 2].imshow(gradcam[row].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        axes[row, 2].set_title("Grad-CAM", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def evaluate_stage(data_dir: Path, model_path: Path, run_id_path: Path, metrics_path: Path,
+                   plots_dir: Path, figures_dir: Path, experiment: str, batch_size: int,
+                   saliency_per_class: int) -> dict:
+    """The whole stage; returns the metrics written to ``metrics_path``."""
+    import mlflow
+
+    model, config = load_trained(model_path)
+    classes = config["classes"]
+    images, labels = load_split(data_dir, "test")
+    if len(labels) == 0:
+        raise ValueError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
+    logits = predict_logits(model, images, config, batch_size)
+    result = classification_metrics(logits, labels, classes)
+    k = result["top5_k"]
+    if k < 5:
+        log.warning("only %d classes: top5 is top-%d accuracy", len(classes), k)
+    log.info("test: top-1 %.4f  top-%d %.4f  loss %.4f  (%d images)", result["top1"], k, result["top5"],
+             result["loss"], result["samples"])
+
+    summary = {key: result[key] for key in ("top1", "top5", "top5_k", "loss", "samples")}
+    write_json({**summary, "per_class": result["per_class"]}, metrics_path)
+    predicted = logits.argmax(1)
+    write_json([{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels, predicted, strict=True)],
+               plots_dir / "confusion.json")
+    write_json([{"class": name, "recall": row["recall"], "precision": row["precision"]}
+                for name, row in result["per_class"].items()], plots_dir / "per_class.json")
+
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion(np.asarray(result["confusion"]), classes, figures_dir / "confusion_matrix.png")
+    plot_mistakes(images, labels, logits, classes, figures_dir / "confident_mistakes.png")
+    plot_saliency(model, config, images, labels, figures_dir / "saliency.png", saliency_per_class)
+
+    with tracking.run(experiment, run_id=tracking.read_run_id(run_id_path)):
+        tracking.with_retry(lambda: mlflow.log_metrics({f"test_{key}": float(summary[key])
+                                                        for key in ("top1", "top5", "loss")}))
+        tracking.with_retry(lambda: mlflow.log_dict(result, "eval/metrics.json"))
+        tracking.with_retry(lambda: mlflow.log_artifacts(str(figures_dir), "eval"))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate the trained model on the test split.")
+    parser.add_argument("--data", default="artifacts/preprocessed", type=Path)
+    parser.add_argument("--model", default="artifacts/train/model.pt", type=Path)
+    parser.add_argument("--run-id", default="artifacts/train/run_id", type=Path, help="MLflow run to log into")
+    parser.add_argument("--metrics", default="metrics/eval.json", type=Path)
+    parser.add_argument("--plots", default="plots/eval", type=Path, help="dvc plots data")
+    parser.add_argument("--figures", default="artifacts/eval", type=Path, help="PNG figures")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params)
+    try:
+        evaluate_stage(args.data, args.model, args.run_id, args.metrics, args.plots, args.figures,
+                       params.mlflow.experiment, params.evaluate.batch_size, params.evaluate.saliency_per_class)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The preprocess stage: arrays and manifest, stable split, bad data, atomic output, dvc repro."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import images
+from pipeline.config import PreprocessParams
+from pipeline.preprocess import SPLITS, PreprocessError, assign_split, preprocess_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # dvc, and the python that dvc.yaml's `python -m` must find
+SEED = 7
+
+
+def params(**overrides: object) -> PreprocessParams:
+    """Tiny outputs; 20 % val and test so 30 images per class reach every split."""
+    values = {"size": 16, "val_fraction": 0.2, "test_fraction": 0.2, "workers": 2, **overrides}
+    return PreprocessParams(**values)
+
+
+def rows_by_path(manifest: dict) -> dict[str, dict]:
+    return {row["path"]: row for row in manifest["files"]}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_arrays_labels_and_manifest_agree(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    manifest = preprocess_folder(image_folder, out, params(), SEED)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["classes"] == ["c0", "c1", "c2"]
+    assert (manifest["channels"], manifest["size"], manifest["skipped"]) == (3, 16, [])
+    assert sum(manifest["counts"].values()) == len(manifest["files"]) == 90
+
+    arrays = {s: np.load(out / f"{s}_images.npy", mmap_mode="r") for s in SPLITS}
+    labels = {s: np.load(out / f"{s}_labels.npy") for s in SPLITS}
+    for split in SPLITS:
+        assert arrays[split].shape == (manifest["counts"][split], 3, 16, 16)
+        assert arrays[split].dtype == np.uint8 and labels[split].dtype == np.int64
+        counts = np.bincount(labels[split], minlength=3).tolist()
+        assert counts == manifest["class_counts"][split]
+    for row in manifest["files"]:
+        path = image_folder / row["path"]
+        assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert row["split"] == assign_split(row["sha256"], SEED, 0.2, 0.2)
+        assert labels[row["split"]][row["index"]] == manifest["classes"].index(row["class"])
+        np.testing.assert_array_equal(arrays[row["split"]][row["index"]], images.preprocess(path, 16, 3))
+
+    train = arrays["train"].reshape(len(arrays["train"]), 3, -1) / 255.0
+    np.testing.assert_allclose(manifest["mean"], train.mean(axis=(0, 2)), atol=1e-5)
+    np.testing.assert_allclose(manifest["std"], train.std(axis=(0, 2)), atol=1e-5)
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in ("data", "out")]  # no temp folder
+
+
+def test_channels_auto_is_one_for_a_grayscale_folder(tmp_path: Path, make_image_folder: Callable) -> None:
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=12)
+    for path in data.rglob("*.png"):
+        images.open_image(path).convert("L").save(path)
+    manifest = preprocess_folder(data, tmp_path / "out", params(val_fraction=0.3, test_fraction=0.3), SEED)
+    assert manifest["channels"] == 1
+    assert np.load(tmp_path / "out" / "train_images.npy").shape[1:] == (1, 16, 16)
+
+
+def test_split_is_stable_when_images_are_added_or_renamed(tmp_path: Path, make_image_folder: Callable) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=30)
+    before = rows_by_path(preprocess_folder(data, tmp_path / "out", params(), SEED))
+
+    make_image_folder(data, per_class=30, start=30)  # 90 new images
+    (data / "c1" / "img_005.png").rename(data / "c1" / "renamed.png")
+    after = rows_by_path(preprocess_folder(data, tmp_path / "out", params(), SEED))
+
+    assert len(after) == 180
+    moved = {path: row["split"] for path, row in before.items() if path != "c1/img_005.png"}
+    assert moved == {path: after[path]["split"] for path in moved}
+    assert after["c1/renamed.png"]["split"] == before["c1/img_005.png"]["split"]
+    assert after["c1/renamed.png"]["sha256"] == before["c1/img_005.png"]["sha256"]
+    # A different seed gives a different split: the seed really is part of the function.
+    reseeded = rows_by_path(preprocess_folder(data, tmp_path / "out2", params(), SEED + 1))
+    assert any(reseeded[p]["split"] != after[p]["split"] for p in after)
+
+
+def test_bad_files_are_skipped_with_their_reason(
+    image_folder: Path, tmp_path: Path, bad_files: dict[str, tuple[bytes, str]]
+) -> None:
+    for name, (data, _) in bad_files.items():
+        (image_folder / "c0" / name).write_bytes(data)
+    manifest = preprocess_folder(image_folder, tmp_path / "out", params(on_error="skip"), SEED)
+
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(skipped) == {f"c0/{name}" for name in bad_files}
+    for name, (_, reason) in bad_files.items():
+        assert skipped[f"c0/{name}"].startswith(f"{reason}: "), (name, skipped[f"c0/{name}"])
+        assert name in skipped[f"c0/{name}"]
+    assert not set(skipped) & set(rows_by_path(manifest))
+    assert sum(manifest["counts"].values()) == 90
+    total = sum(len(np.load(tmp_path / "out" / f"{s}_labels.npy")) for s in SPLITS)
+    assert total == sum(np.load(tmp_path / "out" / f"{s}_images.npy").shape[0] for s in SPLITS) == 90
+
+
+@pytest.mark.parametrize(
+    "name", ["truncated.png", "truncated.jpg", "empty.png", "notes.txt", "zero_width.png", "zero_width.wmf"]
+)
+def test_bad_file_fails_the_stage_when_on_error_is_fail(
+    name: str, tmp_path: Path, make_image_folder: Callable, bad_files: dict[str, tuple[bytes, str]]
+) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    (data / "c2" / name).write_bytes(bad_files[name][0])
+    with pytest.raises(PreprocessError, match=re.escape(str(data / "c2" / name))):
+        preprocess_folder(data, tmp_path / "out", params(on_error="fail"), SEED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("bad", ["truncated.png", "empty.png"])  # fails while decoding / while hashing
+def test_failed_run_leaves_previous_output_untouched(
+    bad: str, image_folder: Path, tmp_path: Path, bad_files: dict[str, tuple[bytes, str]]
+) -> None:
+    out = tmp_path / "artifacts" / "preprocessed"
+    preprocess_folder(image_folder, out, params(), SEED)
+    before = snapshot(out)
+    shutil.copy(image_folder / "c0" / "img_000.png", image_folder / "c1" / "zzz_new.png")  # output would change
+    (image_folder / "c2" / bad).write_bytes(bad_files[bad][0])
+
+    with pytest.raises(PreprocessError, match=bad):
+        preprocess_folder(image_folder, out, params(on_error="fail"), SEED)
+    assert snapshot(out) == before
+    assert [p.name for p in out.parent.iterdir()] == ["preprocessed"]  # no temporary folder left
+
+
+def test_class_without_usable_image(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "broken").mkdir()
+    (image_folder / "broken" / "notes.txt").write_text("no pixels here")
+    with pytest.raises(PreprocessError, match="class 'broken' has no usable image"):
+        preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
+    (image_folder / "broken" / "notes.txt").unlink()  # an empty class folder: same error
+    with pytest.raises(PreprocessError, match="class 'broken' has no usable image"):
+        preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fewer_than_two_classes(tmp_path: Path, make_image_folder: Callable) -> None:
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=5)
+    with pytest.raises(PreprocessError, match="found 1 class folder.*at least 2"):
+        preprocess_folder(data, tmp_path / "out", params(), SEED)
+    with pytest.raises(PreprocessError, match="dataset folder not found"):
+        preprocess_folder(tmp_path / "missing", tmp_path / "out", params(), SEED)
+
+
+def test_tiny_class_says_what_to_change(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "tiny").mkdir()
+    for name in ("img_000.png", "img_001.png"):  # 2 images cannot cover 3 splits
+        shutil.copy(image_folder / "c0" / name, image_folder / "tiny" / name)
+    with pytest.raises(PreprocessError, match=r"class 'tiny' has no (train|val|test) image") as err:
+        preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
+    assert "add images to data/tiny/" in str(err.value)
+    assert "preprocess.val_fraction/test_fraction or base.seed" in str(err.value)
+
+
+def test_hidden_files_and_folders_are_ignored(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "c0" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    shutil.copytree(image_folder / "c1", image_folder / "c0" / ".hidden")
+    shutil.copytree(image_folder / "c2", image_folder / ".cache")
+    manifest = preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
+    assert manifest["classes"] == ["c0", "c1", "c2"]
+    assert manifest["skipped"] == []
+    assert len(manifest["files"]) == 90
+    assert not [row for row in manifest["files"] if "/." in row["path"] or row["path"].startswith(".")]
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def git(*args: str, cwd: Path) -> str:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    return subprocess.run(["git", *identity, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+def test_dvc_repro_preprocess(tmp_path: Path, make_image_folder: Callable) -> None:
+    repo = tmp_path / "repo"
+    listed = git("ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).splitlines()
+    for rel in listed:  # the working-tree version of every tracked (or new, unignored) file
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    assert (repo / "dvc.yaml").is_file() and (repo / ".dvc" / "config").is_file()
+    settings = yaml.safe_load((repo / "params.yaml").read_text())
+    # 20 images per class: 25 % val and test keep every split of every class non-empty.
+    settings["preprocess"].update(size=16, val_fraction=0.25, test_fraction=0.25, workers=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    git("init", "-q", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-q", "-m", "copy", cwd=repo)
+
+    make_image_folder(repo / "data", classes=3, per_class=20)
+    dvc("add", "data", cwd=repo)
+    out = dvc("repro", "preprocess", cwd=repo)
+    assert "Running stage 'preprocess'" in out
+
+    result = repo / "artifacts" / "preprocessed"
+    manifest = json.loads((result / "manifest.json").read_text())
+    assert (manifest["size"], manifest["channels"], sum(manifest["counts"].values())) == (16, 3, 60)
+    for split in SPLITS:
+        assert np.load(result / f"{split}_images.npy").shape == (manifest["counts"][split], 3, 16, 16)
+    assert "preprocess" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert json.loads(dvc("status", "preprocess", "--json", cwd=repo)) == {}
+
+    mtime = (result / "manifest.json").stat().st_mtime_ns
+    again = dvc("repro", "preprocess", cwd=repo)
+    assert "Stage 'preprocess' didn't change, skipping" in again
+    assert "Running stage" not in again
+    assert (result / "manifest.json").stat().st_mtime_ns == mtime
