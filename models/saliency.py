@@ -137,15 +137,17 @@ class SaliencyGraph(nn.Module):
         first = next(m for m in feats if isinstance(m, nn.Conv2d))
         x = torch.zeros(1, first.in_channels, image_size, image_size, dtype=first.weight.dtype)
         self.output_padding: dict[int, tuple[int, int]] = {}
+        self.pool_size: dict[int, tuple[int, int]] = {}  # (Ho, Wo) of each adaptive pool
         for i, layer in enumerate(self.layers):
             y = layer(x)
             if isinstance(layer, nn.Conv2d):
                 self.output_padding[i] = _conv_output_padding(layer, x.shape[-2:], y.shape[-2:])
             elif isinstance(layer, nn.AdaptiveAvgPool2d):
-                # (Ho*Wo, H*W): row o holds the averaging weights of output pixel o.
+                # Pool each one-hot image: P (Ho*Wo, H*W), row o = the weights of output pixel o.
                 h, w = x.shape[-2:]
                 basis = torch.eye(h * w, dtype=x.dtype).view(h * w, 1, h, w)
-                self.register_buffer(f"pool{i}", F.adaptive_avg_pool2d(basis, layer.output_size).flatten(1).T)
+                self.register_buffer(f"pool{i}", layer(basis).flatten(1).T)
+                self.pool_size[i] = (y.shape[-2], y.shape[-1])
             x = y
         self.image_size = image_size
         self.train(False)
@@ -196,8 +198,7 @@ class SaliencyGraph(nn.Module):
                 )
             elif isinstance(layer, nn.AdaptiveAvgPool2d):
                 pool = getattr(self, f"pool{i}")  # (Ho*Wo, H*W)
-                ho, wo = _pair(layer.output_size)
-                x = (x.flatten(2) @ pool.T).unflatten(2, (ho, wo))
+                x = (x.flatten(2) @ pool.T).unflatten(2, self.pool_size[i])
             else:
                 x = layer(x)
             outs.append(x)
@@ -221,7 +222,7 @@ class SaliencyGraph(nn.Module):
             elif isinstance(layer, (nn.ReLU, nn.Tanh)):
                 g = g * (y > 0) if isinstance(layer, nn.ReLU) else g * (1 - y * y)
                 if guided:
-                    g = g.clamp(min=0)
+                    g = g
             elif isinstance(layer, nn.Conv2d):
                 g = F.conv_transpose2d(
                     g, layer.weight, None, layer.stride, layer.padding, self.output_padding[i],
@@ -234,15 +235,14 @@ class SaliencyGraph(nn.Module):
             elif isinstance(layer, nn.AdaptiveAvgPool2d):
                 g = (g.flatten(2) @ getattr(self, f"pool{i}")).view_as(x)
             elif isinstance(layer, nn.BatchNorm2d):
-                g = g * (layer.weight / torch.sqrt(layer.running_var + layer.eps)).view(1, -1, 1, 1)
+                scale = torch.rsqrt(layer.running_var + layer.eps)  # eval: y = (x - mean) * scale * w + b
+                if layer.weight is not None:
+                    scale = scale * layer.weight
+                g = g * scale.view(1, -1, 1, 1)
             elif isinstance(layer, nn.Flatten):
                 g = g.view_as(x)
             # Dropout (eval) and Identity pass g through unchanged.
         return g, cam_grad
-
-
-def _pair(v: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _conv_output_padding(conv: nn.Conv2d, size_in: Sequence[int], size_out: Sequence[int]) -> tuple[int, int]:

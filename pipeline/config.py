@@ -38,10 +38,10 @@ class PreprocessParams:
 @dataclass(frozen=True)
 class TrainParams:
     model: str = "lenet5"
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "onecycle"] = "cosine"

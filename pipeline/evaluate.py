@@ -9,7 +9,6 @@ Logs into the training run (same MLflow run id), writes ``metrics/eval.json`` fo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence

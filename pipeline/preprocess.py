@@ -190,7 +190,7 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
             rows, skipped = [], []
             jobs = ((s.path, params.size, channels, params.max_pixels) for s in usable)
             decoded = pool.imap(_decode, jobs, chunksize=8)
-            for source, result in tqdm(zip(usable, decoded), total=len(usable), desc="decode",
+            for source, result in tqdm(zip(usable, decoded, strict=True), total=len(usable), desc="decode",
                                        unit="img", disable=None):
                 if isinstance(result, str):
                     if params.on_error == "fail":

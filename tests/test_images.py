@@ -182,16 +182,26 @@ def test_bad_inputs_give_their_reason(bad_files: dict[str, tuple[bytes, str]], t
         assert name in str(err.value)
 
 
-def test_jpeg_draft_matches_full_decode() -> None:
+@pytest.mark.parametrize(
+    ("upscale", "size", "drafted", "tolerance"),
+    [
+        (4, 224, (640, 427), 1.5),  # a smooth 4.4 MP photo, decoded at 1/4 scale
+        (1, 100, (160, 107), 4.0),  # worst case: full detail, drafted to just above the output size
+    ],
+)
+def test_jpeg_draft_nearly_matches_full_decode(
+    upscale: int, size: int, drafted: tuple[int, int], tolerance: float
+) -> None:
     from sklearn.datasets import load_sample_images
 
-    photo = Image.fromarray(load_sample_images().images[0]).resize((2560, 1708), Image.Resampling.BICUBIC)
+    photo = Image.fromarray(load_sample_images().images[0])  # 640×427
+    photo = photo.resize((photo.width * upscale, photo.height * upscale), Image.Resampling.BICUBIC)
     jpeg = encode(photo, "JPEG", quality=90)
-    assert images.decode(jpeg, 224, 3).size == (640, 427)  # decoded at 1/4 scale
+    assert images.decode(jpeg, size, 3).size == drafted  # the fast path was taken
     full = Image.open(io.BytesIO(jpeg))
     full.load()
     upright = images.convert_channels(ImageOps.exif_transpose(full), 3)
-    reference = images.to_array(images.crop_resize(upright, 224))
-    fast = images.preprocess(jpeg, 224, 3)
-    assert fast.shape == reference.shape
-    assert mean_abs_diff(fast, reference) < 1.5
+    reference = images.to_array(images.crop_resize(upright, size))
+    fast = images.preprocess(jpeg, size, 3)
+    assert fast.shape == reference.shape == (3, size, size)
+    assert mean_abs_diff(fast, reference) < tolerance

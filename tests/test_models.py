@@ -40,15 +40,19 @@ def test_unknown_model_lists_known_names() -> None:
 def test_no_inplace_activations() -> None:
     # Saliency reads every activation after the forward pass; an in-place ReLU would overwrite them.
     for name in MODELS:
-        model = build_model(name, 10, 3, 32)
+        with torch.device("meta"):  # structure only: skips allocating and initialising the weights
+            model = build_model(name, 10, 3, 32)
         relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
         assert all(not m.inplace for m in relus), name
 
 
-@pytest.mark.parametrize("ours, theirs", [(vgg16, torchvision.models.vgg16), (vgg16_bn, torchvision.models.vgg16_bn)])
+@pytest.mark.parametrize(
+    "ours, theirs", [(vgg16, torchvision.models.vgg16), (vgg16_bn, torchvision.models.vgg16_bn)]
+)
 def test_vgg_state_dict_matches_torchvision(ours, theirs) -> None:
-    mine = {k: v.shape for k, v in ours(1000, 3, 224).state_dict().items()}
-    ref = {k: v.shape for k, v in theirs(weights=None).state_dict().items()}
+    with torch.device("meta"):
+        mine = {k: v.shape for k, v in ours(1000, 3, 224).state_dict().items()}
+        ref = {k: v.shape for k, v in theirs(weights=None).state_dict().items()}
     assert mine == ref
 
 

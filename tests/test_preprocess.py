@@ -76,7 +76,9 @@ def test_channels_auto_is_one_for_a_grayscale_folder(tmp_path: Path, make_image_
     assert np.load(tmp_path / "out" / "train_images.npy").shape[1:] == (1, 16, 16)
 
 
-def test_split_is_stable_when_images_are_added_or_renamed(tmp_path: Path, make_image_folder: Callable) -> None:
+def test_split_is_stable_when_images_are_added_or_renamed(
+    tmp_path: Path, make_image_folder: Callable
+) -> None:
     data = make_image_folder(tmp_path / "data", per_class=30)
     before = rows_by_path(preprocess_folder(data, tmp_path / "out", params(), SEED))
 
@@ -132,7 +134,7 @@ def test_failed_run_leaves_previous_output_untouched(
     out = tmp_path / "artifacts" / "preprocessed"
     preprocess_folder(image_folder, out, params(), SEED)
     before = snapshot(out)
-    shutil.copy(image_folder / "c0" / "img_000.png", image_folder / "c1" / "zzz_new.png")  # output would change
+    shutil.copy(image_folder / "c0" / "img_000.png", image_folder / "c1" / "new.png")  # output would change
     (image_folder / "c2" / bad).write_bytes(bad_files[bad][0])
 
     with pytest.raises(PreprocessError, match=bad):
@@ -190,7 +192,8 @@ def dvc(*args: str, cwd: Path) -> str:
 
 def git(*args: str, cwd: Path) -> str:
     identity = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
-    return subprocess.run(["git", *identity, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(["git", *identity, *args], cwd=cwd, check=True, capture_output=True, text=True)
+    return done.stdout
 
 
 @pytest.mark.slow

@@ -42,7 +42,42 @@ CASES = {
     "lenet5": Case("lenet5", channels=1, size=32, classes=10, cam_layer=4),
     # features: 13 × (conv, relu) with 5 pools; features[29] is the ReLU before the last pool
     "vgg16": Case("vgg16", channels=3, size=32, classes=10, cam_layer=29),
+    # what the real models leave out: see tiny_net
+    "tiny": Case("tiny", channels=3, size=30, classes=6, cam_layer=6),
 }
+
+
+class TinyNet(nn.Module):
+    """Every layer rule in a small net, in the cases the real models at their sizes never hit:
+    strided convs with a non-zero output_padding (30 → 15 and 8 → 4), overlapping max-pool
+    windows, BatchNorm with non-trivial statistics, a 4×4 → 3×3 adaptive pool (overlapping bins)."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # 15×15
+            nn.MaxPool2d(3, stride=2, padding=1),  # 8×8
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),  # 4×4
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((3, 3))
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 9, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, classes)
+        )
+        for bn in (self.features[1], self.features[5]):
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.normal_(bn.bias, 0, 0.1)
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def make_model(case: Case) -> nn.Module:
+    torch.manual_seed(0)
+    if case.model == "tiny":
+        return TinyNet(case.channels, case.classes).eval()
+    return build_model(case.model, case.classes, case.channels, case.size)
 
 
 def images(case: Case, n: int, seed: int) -> torch.Tensor:
@@ -57,8 +92,9 @@ def _selected_logit(model: nn.Module, image: torch.Tensor, target: torch.Tensor,
     """0–1 input (requires grad), logits and the sum of the target logits."""
     dtype = next(model.parameters()).dtype
     x01 = (image.to(dtype) / 255).requires_grad_(True)
-    mean = torch.tensor(case.mean, dtype=dtype).view(1, -1, 1, 1)
-    std = torch.tensor(case.std, dtype=dtype).view(1, -1, 1, 1)
+    # mean/std rounded to float32 first, as the graphs store them
+    mean = torch.tensor(case.mean).to(dtype).view(1, -1, 1, 1)
+    std = torch.tensor(case.std).to(dtype).view(1, -1, 1, 1)
     logits = model((x01 - mean) / std)
     target = torch.where(target < 0, logits.argmax(dim=1), target)
     return x01, logits, logits.gather(1, target[:, None]).sum()
@@ -111,8 +147,7 @@ def targets_for(kind: str, batch: int, classes: int) -> torch.Tensor:
 def saliency_export(request, tmp_path_factory):
     """(case, float32 model, float64 copy, the float32 SaliencyGraph, its ONNX session)."""
     case = CASES[request.param]
-    torch.manual_seed(0)
-    model = build_model(case.model, case.classes, case.channels, case.size)
+    model = make_model(case)
     graph = SaliencyGraph(model, case.mean, case.std, case.size)
     path = tmp_path_factory.mktemp(case.model) / "saliency.onnx"
     export_onnx(graph, path, (images(case, 2, seed=1), torch.tensor([-1, 1])), ["image", "target"],
@@ -124,21 +159,19 @@ def saliency_export(request, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("targets", ["given", "predicted"])
-def test_backward_rules_match_autograd(saliency_export, batch: int, targets: str) -> None:
+def test_backward_rules_match_autograd(saliency_export) -> None:
     # The hand-written backward in float64 against autograd in float64: no rounding near
     # ReLU/max-pool kinks to excuse, so the maps must agree to rounding error.
     case, _, model64, _ = saliency_export
     graph64 = SaliencyGraph(model64, case.mean, case.std, case.size).double()
-    image, target = images(case, batch, seed=batch), targets_for(targets, batch, case.classes)
+    image, target = images(case, 3, seed=3), torch.tensor([-1, 3, 5])
     with torch.no_grad():
         outputs = graph64(image, target)
     expected = reference_maps(model64, image, target, case)
     torch.testing.assert_close(outputs[0], expected[0], rtol=1e-10, atol=1e-10)
     for what, actual, ref in zip(SALIENCY_OUTPUTS[1:], outputs[1:], expected[1:], strict=True):
-        cosine, rel_l2 = map_errors(actual, ref, what)
-        assert (rel_l2 <= 1e-8).all(), f"{what}: relative L2 {rel_l2.tolist()}"
+        _, rel_l2 = map_errors(actual, ref, what)
+        assert (rel_l2 <= 1e-9).all(), f"{what}: relative L2 {rel_l2.tolist()}"
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -161,7 +194,7 @@ def test_saliency_onnx_matches_autograd(saliency_export, batch: int, targets: st
         # on ~4% of random VGG16 inputs): allow one such image per 8, and only a small miss.
         # Any wrong backward rule fails every image by far more.
         assert (cosine >= 0.999).all() and (rel_l2 <= 5e-2).all(), f"{what}: {cosine=} {rel_l2=}"
-        assert (~strict).sum() <= batch // 8, f"{what}: cosine {cosine.tolist()}, relative L2 {rel_l2.tolist()}"
+        assert (~strict).sum() <= batch // 8, f"{what}: cosine {cosine.tolist()}, rel. L2 {rel_l2.tolist()}"
 
 
 def test_predicted_target_is_the_argmax(saliency_export) -> None:
@@ -175,8 +208,7 @@ def test_predicted_target_is_the_argmax(saliency_export) -> None:
 
 def test_classifier_onnx_matches_torch(tmp_path: Path) -> None:
     case = CASES["lenet5"]
-    torch.manual_seed(0)
-    model = build_model(case.model, case.classes, case.channels, case.size)
+    model = make_model(case)
     graph = ClassifierGraph(model, case.mean, case.std)
     path = tmp_path / "classifier.onnx"
     metadata = {"classes": '["a", "b"]', "image_size": str(case.size)}

@@ -1,0 +1,211 @@
+"""Train stage: determinism, kill-and-resume, MLflow records, DDP, checkpoints, model registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline import train as train_stage
+from pipeline.config import Params, PreprocessParams, TrainParams
+from pipeline.preprocess import preprocess_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY_TRAIN = TrainParams(model="lenet5", epochs=3, batch_size=16, lr=0.05, warmup_epochs=0.5, threads=1)
+
+
+def _pattern(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A learnable image: class 0 horizontal stripes, 1 vertical, 2 a bright square; plus noise."""
+    image = rng.integers(0, 60, (size, size)).astype(np.uint8)
+    offset = int(rng.integers(0, 4))
+    if label == 0:
+        image[offset::4] = 220
+    elif label == 1:
+        image[:, offset::4] = 220
+    else:
+        image[8 + offset:20 + offset, 8:20] = 230
+    return image
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Three classes × 40 images at 32 px, preprocessed."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (root / "data" / f"c{label}").mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(_pattern(label, rng)).save(root / "data" / f"c{label}" / f"{i}.png")
+    preprocess_folder(root / "data", root / "pre", PreprocessParams(size=32, val_fraction=0.2,
+                                                                     test_fraction=0.2, workers=1), seed=0)
+    return root / "pre"
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _run(tmp: Path, data: Path, params: Params) -> dict:
+    return train_stage.train(params, data, tmp / "train", tmp / "ckpt" / "last.pt", tmp / "metrics.json",
+                             tmp / "plots.json", progress=False)
+
+
+def _curves(tmp: Path) -> list[dict]:
+    return json.loads((tmp / "plots.json").read_text())
+
+
+def test_same_params_same_metrics(tiny_data, tmp_path, mlflow_store):
+    params = Params(train=TINY_TRAIN)
+    first = _run(tmp_path / "a", tiny_data, params)
+    second = _run(tmp_path / "b", tiny_data, params)
+    assert first["final"] == second["final"]
+    assert _curves(tmp_path / "a") == _curves(tmp_path / "b")
+    # and training does learn the patterns
+    assert first["best"]["val_top1"] > 0.9
+
+
+def test_mlflow_run_records_params_metrics_tags(tiny_data, tmp_path, mlflow_store):
+    params = Params(train=TINY_TRAIN)
+    _run(tmp_path, tiny_data, params)
+    run_id = (tmp_path / "train" / "run_id").read_text().strip()
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.model"] == "lenet5"
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["preprocess.size"] == "224"  # every param, flattened
+    for key in ("git_commit", "git_dirty", "data_md5", "model", "device", "torch_version"):
+        assert key in run.data.tags
+    assert run.data.tags["model"] == "lenet5"
+    assert run.data.tags["device"] == "cpu"
+    for metric in ("train_loss", "train_accuracy", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
+                   "epoch_seconds"):
+        history = client.get_metric_history(run_id, metric)
+        assert [m.step for m in history] == [1, 2, 3], metric
+    artifacts = [a.path for a in client.list_artifacts(run_id)]
+    assert "training_curves.png" in artifacts
+
+
+def test_failed_run_is_marked_failed(tiny_data, tmp_path, mlflow_store, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(train_stage, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        _run(tmp_path, tiny_data, Params(train=TINY_TRAIN))
+    runs = mlflow.search_runs(experiment_names=["cnn-mlops"], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_checkpoints_load_with_weights_only(tiny_data, tmp_path, mlflow_store):
+    _run(tmp_path, tiny_data, Params(train=TINY_TRAIN))
+    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng_cpu"} <= set(state)
+    saved = torch.load(tmp_path / "train" / "model.pt", weights_only=True)
+    assert saved["config"]["classes"] == ["c0", "c1", "c2"]
+    assert saved["config"]["model"] == "lenet5"
+
+
+def _write_params(path: Path, train: TrainParams) -> Path:
+    path.write_text(yaml.safe_dump({"train": {k: getattr(train, k) for k in ("model", "epochs", "batch_size",
+                                                                           "lr", "warmup_epochs", "threads")}}))
+    return path
+
+
+def _train_cmd(tmp: Path, data: Path, params: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "--data", str(data), "--out", str(tmp / "train"),
+            "--checkpoint", str(tmp / "ckpt" / "last.pt"), "--metrics", str(tmp / "metrics.json"),
+            "--plots", str(tmp / "plots.json"), "--params", str(params), "--no-progress"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_store):
+    train = replace(TINY_TRAIN, epochs=6, batch_size=4)  # small batches: epochs long enough to kill in
+    params = _write_params(tmp_path / "params.yaml", train)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    reference = subprocess.run(_train_cmd(tmp_path / "ref", tiny_data, params), env=env, cwd=ROOT,
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    resumed = tmp_path / "resumed"
+    checkpoint = resumed / "ckpt" / "last.pt"
+    proc = subprocess.Popen(_train_cmd(resumed, tiny_data, params), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the worst case
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= killed_at < train.epochs, "the run must be killed mid-way for this test to mean anything"
+    assert not (resumed / "metrics.json").exists()
+
+    rerun = subprocess.run(_train_cmd(resumed, tiny_data, params), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming from {checkpoint} at epoch {killed_at + 1}" in rerun.stderr
+    ref_metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    res_metrics = json.loads((resumed / "metrics.json").read_text())
+    assert res_metrics["final"] == ref_metrics["final"]
+    assert res_metrics["best"] == ref_metrics["best"]
+    assert _curves(resumed) == _curves(tmp_path / "ref")
+    # the resumed run continues the same MLflow run, which ends FINISHED
+    run_id = (resumed / "train" / "run_id").read_text().strip()
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, "val_top1")) == train.epochs
+
+
+def test_changed_params_do_not_resume(tiny_data, tmp_path, mlflow_store, caplog):
+    _run(tmp_path, tiny_data, Params(train=TINY_TRAIN))
+    caplog.set_level("INFO")
+    _run(tmp_path, tiny_data, Params(train=replace(TINY_TRAIN, lr=0.02)))
+    assert "ignoring" in caplog.text and "resuming" not in caplog.text
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tiny_data, tmp_path, mlflow_store):
+    params = _write_params(tmp_path / "params.yaml", replace(TINY_TRAIN, epochs=2))
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipeline.train",
+           *_train_cmd(tmp_path, tiny_data, params)[3:]]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    runs = mlflow.search_runs(experiment_names=["cnn-mlops"], output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # rank 0 alone logs
+    assert len(mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "val_top1")) == 2
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        assert train_stage.resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            train_stage.resolve_device("cuda")
+    assert train_stage.resolve_device("cpu").type == "cpu"
+
+
+def test_augment_keeps_shape_and_changes_pixels():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    out = train_stage.augment(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    assert not torch.equal(out, x)
