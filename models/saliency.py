@@ -222,7 +222,7 @@ class SaliencyGraph(nn.Module):
             elif isinstance(layer, (nn.ReLU, nn.Tanh)):
                 g = g * (y > 0) if isinstance(layer, nn.ReLU) else g * (1 - y * y)
                 if guided:
-                    g = g
+                    g = g.clamp(min=0)
             elif isinstance(layer, nn.Conv2d):
                 g = F.conv_transpose2d(
                     g, layer.weight, None, layer.stride, layer.padding, self.output_padding[i],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_max_pixels_limit() -> None:
     assert err.value.reason == "too_many_pixels"
 
 
-def test_bad_inputs_give_their_reason(bad_files: dict[str, tuple[bytes, str]], tmp_path) -> None:
+def test_bad_inputs_give_their_reason(bad_files: dict[str, tuple[bytes, str]], tmp_path: Path) -> None:
     for name, (data, reason) in bad_files.items():
         path = tmp_path / name
         path.write_bytes(data)

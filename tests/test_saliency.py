@@ -42,7 +42,7 @@ CASES = {
     "lenet5": Case("lenet5", channels=1, size=32, classes=10, cam_layer=4),
     # features: 13 × (conv, relu) with 5 pools; features[29] is the ReLU before the last pool
     "vgg16": Case("vgg16", channels=3, size=32, classes=10, cam_layer=29),
-    # what the real models leave out: see tiny_net
+    # what the real models leave out: see TinyNet
     "tiny": Case("tiny", channels=3, size=30, classes=6, cam_layer=6),
 }
 
@@ -129,7 +129,9 @@ def reference_maps(model: nn.Module, image: torch.Tensor, target: torch.Tensor, 
     return logits.detach(), gradient, guided, cam.detach()
 
 
-def map_errors(actual: np.ndarray | torch.Tensor, expected: torch.Tensor, what: str):
+def map_errors(
+    actual: np.ndarray | torch.Tensor, expected: torch.Tensor, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image cosine similarity and relative L2 error; the reference must not be all zero."""
     a = torch.as_tensor(actual).double().flatten(1)
     e = expected.double().flatten(1)
@@ -145,7 +147,7 @@ def targets_for(kind: str, batch: int, classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", params=list(CASES))
 def saliency_export(request, tmp_path_factory):
-    """(case, float32 model, float64 copy, the float32 SaliencyGraph, its ONNX session)."""
+    """(case, float32 model, its float64 copy, session of the exported float32 saliency graph)."""
     case = CASES[request.param]
     model = make_model(case)
     graph = SaliencyGraph(model, case.mean, case.std, case.size)
@@ -179,14 +181,16 @@ def test_backward_rules_match_autograd(saliency_export) -> None:
 def test_saliency_onnx_matches_autograd(saliency_export, batch: int, targets: str) -> None:
     case, _, model64, session = saliency_export
     image, target = images(case, batch, seed=batch), targets_for(targets, batch, case.classes)
-    logits, *maps = session.run(SALIENCY_OUTPUTS, {"image": image.numpy(), "target": target.numpy()})
+    logits, gradient, guided, gradcam = session.run(
+        SALIENCY_OUTPUTS, {"image": image.numpy(), "target": target.numpy()}
+    )
     expected = reference_maps(model64, image, target, case)
 
     np.testing.assert_allclose(logits, expected[0].numpy(), rtol=0, atol=1e-4)
-    assert maps[0].shape == maps[1].shape == (batch, case.channels, case.size, case.size)
-    assert maps[2].shape == (batch, case.size, case.size)
-    assert maps[2].min() >= 0 and np.allclose(maps[2].max(axis=(1, 2)), 1, atol=1e-5)
-    for what, actual, ref in zip(SALIENCY_OUTPUTS[1:], maps, expected[1:], strict=True):
+    assert gradient.shape == guided.shape == (batch, case.channels, case.size, case.size)
+    assert gradcam.shape == (batch, case.size, case.size)
+    assert gradcam.min() >= 0 and np.allclose(gradcam.max(axis=(1, 2)), 1, atol=1e-5)
+    for what, actual, ref in zip(SALIENCY_OUTPUTS[1:], (gradient, guided, gradcam), expected[1:], strict=True):
         cosine, rel_l2 = map_errors(actual, ref, what)
         strict = (cosine >= 0.9999) & (rel_l2 <= 1e-2)
         # Where a float32 pre-activation lies within rounding of zero, float32 picks a side of the
