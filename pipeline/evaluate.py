@@ -180,7 +180,7 @@ def evaluate_stage(data_dir: Path, model_path: Path, run_id_path: Path, metrics_
     log.info("test: top-1 %.4f  top-%d %.4f  loss %.4f  (%d images)", result["top1"], k, result["top5"],
              result["loss"], result["samples"])
 
-    summary = {key: result[key] for key in ("top1", "top5", "top5_k", "loss", "samples")}
+    summary = {key: round(result[key], 6) for key in ("top1", "top5", "top5_k", "loss", "samples")}
     write_json({**summary, "per_class": result["per_class"]}, metrics_path)
     predicted = logits.argmax(1)
     write_json([{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels, predicted, strict=True)],

@@ -137,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per optimisation pass otherwise
+    for noisy in ("onnx_ir", "onnxscript"):  # one line per optimisation pass otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     params = load_params(args.params)
     try:
         export_stage(args.model, args.data, args.run_id, args.eval_metrics, args.out, params.export.opset,

@@ -396,13 +396,17 @@ def _finish(params: Params, manifest: dict, history: list[dict], best: dict, bes
                    "image_size": manifest["size"], "mean": manifest["mean"], "std": manifest["std"]},
         "best": best, "params": params.flat(),
     }, out_dir / "model.pt")
-    metrics = {
-        "final": {k: last[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_top1", "val_top5")},
-        "best": best,
-        "epochs": len(history),
+    timing = {
         "train_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
-        "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1),
-        "data_wait": round(float(np.mean([h["data_wait"] for h in history])), 4),
+        "mean_images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1),
+        "mean_data_wait": round(float(np.mean([h["data_wait"] for h in history])), 4),
+    }
+    # metrics/train.json is committed with the code: only deterministic numbers go there, so the
+    # same params and data reproduce it byte for byte. Timing lives in MLflow.
+    metrics = {
+        "final": {k: round(last[k], 6) for k in ("train_loss", "train_accuracy", "val_loss", "val_top1", "val_top5")},
+        "best": {k: round(v, 6) if isinstance(v, float) else v for k, v in best.items()},
+        "epochs": len(history),
     }
     write_json(metrics, metrics_path)
     # Timing columns differ run to run; the plot file keeps the curves DVC compares.
@@ -410,12 +414,11 @@ def _finish(params: Params, manifest: dict, history: list[dict], best: dict, bes
                                    "lr")} for h in history], plots_path)
     curves = out_dir / "training_curves.png"
     plot_curves(history, curves)
-    tracking.with_retry(lambda: mlflow.log_metrics({"best_val_top1": best["val_top1"],
-                                                    "train_seconds": metrics["train_seconds"]}))
+    tracking.with_retry(lambda: mlflow.log_metrics({"best_val_top1": best["val_top1"], **timing}))
     tracking.with_retry(lambda: mlflow.log_artifact(str(curves)))
     (out_dir / "run_id").write_text(run_id + "\n")
     log.info("best val top-1 %.4f at epoch %d; MLflow run %s", best["val_top1"], best["epoch"], run_id)
-    return metrics
+    return {**metrics, **timing}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
