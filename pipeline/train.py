@@ -443,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; the next run resumes from {args.checkpoint}", file=sys.stderr)
+        return 130
     return 0
 
 

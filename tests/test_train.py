@@ -173,6 +173,23 @@ def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_sto
     assert len(mlflow.MlflowClient().get_metric_history(run_id, "val_top1")) == train.epochs
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_is_marked_killed(tiny_data, tmp_path, mlflow_store, signum):
+    params = _write_params(tmp_path / "params.yaml", replace(TINY_TRAIN, epochs=50, batch_size=4))
+    proc = subprocess.Popen(_train_cmd(tmp_path, tiny_data, params), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 300
+    while not (tmp_path / "ckpt" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "the next run resumes" in stderr
+    runs = mlflow.search_runs(experiment_names=["cnn-mlops"], output_format="list")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
 def test_changed_params_do_not_resume(tiny_data, tmp_path, mlflow_store, caplog):
     _run(tmp_path, tiny_data, Params(train=TINY_TRAIN))
     caplog.set_level("INFO")
