@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The default dataset is generated, not downloaded: byte for byte what data.dvc records.
+# `dvc commit` puts it in the local DVC cache (a fresh clone has no remote to pull from).
 data: setup
-	@if [ ! -d data ]; then python -m pipeline.datasets digits --out data; fi
+	@if [ ! -d data ]; then python -m pipeline.datasets digits --out data && dvc commit --force --quiet data.dvc; fi
 
 run: data
 	dvc repro
