@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 # One tint per class, so a model can tell the classes apart.
@@ -86,3 +91,99 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "zero_width.png": (png_header(0, 5), "not_an_image"),
         "zero_width.wmf": (wmf, "zero_pixels"),
     }
+
+
+# ----------------------------------------------------------------------------- serving
+SERVING_CLASSES = ["cat", "dog", "owl"]
+
+
+def write_export(out: Path, classes: list[str] = SERVING_CLASSES, size: int = 32, seed: int = 0) -> Path:
+    """What the export stage writes, for a seeded random LeNet-5 (1 channel): ``classifier.onnx``,
+    ``saliency.onnx`` (with the contract's metadata props) and ``export.json``."""
+    import json
+
+    import torch
+
+    from models import build_model
+    from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx
+
+    torch.manual_seed(seed)
+    model = build_model("lenet5", len(classes), 1, size)
+    mean, std = [0.45], [0.25]
+    metrics = {"top1": 0.5, "top5": 1.0}
+    metadata = {
+        "classes": json.dumps(classes), "image_size": str(size), "channels": "1",
+        "mean": json.dumps(mean), "std": json.dumps(std), "model": "lenet5", "git_commit": "fixture",
+        "data_md5": "fixture", "mlflow_run_id": "fixture-run", "metrics": json.dumps(metrics),
+    }
+    example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
+    export_onnx(ClassifierGraph(model, mean, std), out / "classifier.onnx", (example,),
+                ["image"], ["logits", "probabilities"], metadata)
+    export_onnx(SaliencyGraph(model, mean, std, size), out / "saliency.onnx", (example, torch.tensor([-1, 0])),
+                ["image", "target"], ["logits", "gradient", "guided", "gradcam"], metadata)
+    summary = {"registered_model": "cnn-classifier", "version": "7", "mlflow_run_id": "fixture-run",
+               "metrics": metrics}
+    (out / "export.json").write_text(json.dumps(summary))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export folder (:func:`write_export`: LeNet-5, classes cat/dog/owl, 1×32×32, random
+    weights): the serving tests' model, so they never need ``artifacts/``. About 15 s, once."""
+    return write_export(tmp_path_factory.mktemp("export"))
+
+
+# ----------------------------------------------------------------------------- project copies
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for real ``dvc``/``git`` runs: this venv first on PATH, no telemetry."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    for key in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_ROOT"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
+def sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None, timeout: float = 900) -> str:
+    """Run a command; fail the test with its output when it fails."""
+    done = subprocess.run(cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout)
+    output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{output}"
+    return done.stdout + done.stderr
+
+
+def copy_project(dest: Path, params: dict[str, dict] | None = None) -> Path:
+    """A committed git + DVC copy of this project (working-tree files, no data or artifacts).
+
+    Args:
+        dest: the new repository folder.
+        params: per-section overrides merged into the copy's params.yaml before the commit.
+    """
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file() and not rel.startswith(("metrics/", "plots/")) and rel != "dvc.lock":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    if params:
+        settings = yaml.safe_load((dest / "params.yaml").read_text())
+        for section, values in params.items():
+            settings.setdefault(section, {}).update(values)
+        (dest / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-q", "-m", "project copy")
+    return dest
+
+
+def add_dataset(repo: Path, classes: int = 3, per_class: int = 20, side: int = 16) -> None:
+    """Write a small learnable image folder as ``repo/data``, ``dvc add`` and commit it."""
+    write_image_folder(repo / "data", classes=classes, per_class=per_class, side=side)
+    sh(repo, "dvc", "add", "data", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "data")

@@ -1,0 +1,89 @@
+"""The whole pipeline through the real ``dvc repro``, in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from pipeline.evaluate import load_trained, predict_logits
+from tests.conftest import add_dataset, copy_project, sh, tool_env
+
+TINY = {
+    "preprocess": {"size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "workers": 2},
+    "train": {"epochs": 3, "batch_size": 16, "lr": 0.05, "threads": 2},
+    "evaluate": {"saliency_per_class": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = copy_project(tmp_path_factory.mktemp("pipeline") / "repo", TINY)
+    add_dataset(repo, classes=3, per_class=24, side=20)
+    out = sh(repo, "dvc", "repro")
+    for stage in ("preprocess", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in out
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_writes_every_output_and_is_up_to_date(repo: Path):
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert {"top1", "top5", "loss", "per_class"} <= set(metrics)
+    assert metrics["top5_k"] == 3  # only 3 classes: top-5 is top-3, and says so
+    assert metrics["top1"] > 0.9  # the tinted classes are easy
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    assert train["epochs"] == 3
+    for figure in ("confusion_matrix.png", "confident_mistakes.png", "saliency.png"):
+        assert (repo / "artifacts" / "eval" / figure).stat().st_size > 1000
+    for name in ("classifier.onnx", "saliency.onnx"):
+        model = onnx.load(repo / "artifacts" / "export" / name)
+        onnx.checker.check_model(model)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(props["classes"]) == ["c0", "c1", "c2"]
+        assert props["image_size"] == "32" and props["channels"] == "3"
+        assert props["mlflow_run_id"] == (repo / "artifacts" / "train" / "run_id").read_text().strip()
+    assert json.loads(sh(repo, "dvc", "status", "--json")) == {}
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "repro")
+    assert "top1" in sh(repo, "dvc", "metrics", "show")
+    sh(repo, "dvc", "plots", "show", "-o", str(repo / "dvc_plots"))
+    assert (repo / "dvc_plots" / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_run_and_registered_version(repo: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run_id = (repo / "artifacts" / "train" / "run_id").read_text().strip()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {"test_top1", "test_top5", "test_loss", "val_top1", "best_val_top1"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert "eval/confusion_matrix.png" in artifacts and "eval/saliency.png" in artifacts
+    version = client.get_model_version_by_alias("cnn-classifier", "candidate")
+    assert version.run_id == run_id
+    assert version.tags["mlflow_run_id"] == run_id
+    assert float(version.tags["test_top1"]) == pytest.approx(run.data.metrics["test_top1"])
+    # a second export run makes a new version that takes the alias
+    sh(repo, "dvc", "repro", "--force", "--single-item", "export", env=tool_env())
+    newer = client.get_model_version_by_alias("cnn-classifier", "candidate")
+    assert int(newer.version) == int(version.version) + 1
+
+
+@pytest.mark.slow
+def test_onnx_runtime_matches_pytorch_on_the_test_split(repo: Path):
+    images = np.load(repo / "artifacts" / "preprocessed" / "test_images.npy")
+    model, config = load_trained(repo / "artifacts" / "train" / "model.pt")
+    session = ort.InferenceSession(str(repo / "artifacts" / "export" / "classifier.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    onnx_logits, probabilities = session.run(None, {"image": images})
+    torch_logits = predict_logits(model, images, config)
+    assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
+    np.testing.assert_array_equal(onnx_logits.argmax(1), torch_logits.argmax(1))
+    np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(torch_logits), 1).numpy(), atol=1e-5)
