@@ -62,11 +62,24 @@ def resolve_alias(alias: str) -> str:
     )
 
 
+def model_spec(spec: str | None = None) -> str:
+    """``spec``, else ``$SERVING_MODEL``, else ``cnn-classifier:latest``."""
+    return spec or os.environ.get("SERVING_MODEL") or DEFAULT_SPEC
+
+
+def store_tag(spec: str | None = None) -> str | None:
+    """The model-store tag that ``spec`` (see :func:`model_spec`) names; None for a folder or an alias."""
+    spec = model_spec(spec)
+    if spec in MLFLOW_ALIASES or os.sep in spec or spec.startswith((".", "~")) or Path(spec).is_dir():
+        return None
+    return spec
+
+
 def resolve_model_dir(spec: str | None = None) -> Path:
     """The folder holding ``classifier.onnx`` and ``saliency.onnx``.
 
     Args:
-        spec: a folder path, a model-store tag (``cnn-classifier:abc``, ``cnn-classifier`` =
+        spec: a folder path, a model-store tag (``cnn-classifier:abc``; ``cnn-classifier`` =
             latest) or an MLflow alias; ``None`` reads ``SERVING_MODEL`` and falls back to
             ``cnn-classifier:latest``.
     Returns:
@@ -74,19 +87,20 @@ def resolve_model_dir(spec: str | None = None) -> Path:
     Raises:
         ModelNotFound: neither an existing folder nor a tag in the store.
     """
-    spec = spec or os.environ.get("SERVING_MODEL") or DEFAULT_SPEC
+    spec = model_spec(spec)
     if spec in MLFLOW_ALIASES:
         spec = resolve_alias(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
+    tag = store_tag(spec)
+    if tag is None:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise ModelNotFound(f"SERVING_MODEL={spec!r}: no such folder")
         return check_model_dir(path)
-    if os.sep in spec or spec.startswith("."):
-        raise ModelNotFound(f"SERVING_MODEL={spec!r}: no such folder")
     import bentoml
     from bentoml.exceptions import BentoMLException
 
     try:
-        model = bentoml.models.get(spec)
+        model = bentoml.models.get(tag)
     except (BentoMLException, ValueError) as err:  # NotFound, or a malformed tag
         raise ModelNotFound(
             f"SERVING_MODEL={spec!r}: not a folder and not in the model store ({err}); "
