@@ -7,14 +7,16 @@ importing this module stays cheap.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,12 +24,62 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in the working directory.
+SQLITE_TIMEOUT_S = 30  # how long a SQLite writer waits for the lock before "database is locked"
 
-    DVC runs every stage from the repository root, so that is where the store lands.
+
+def store_root() -> Path:
+    """The directory that holds the default store: the DVC repository the user works in.
+
+    ``dvc exp run --temp`` and queued experiments run each stage in a copy of the repository
+    under ``.dvc/tmp/exps/``; a store there would be deleted with the copy. DVC sets
+    ``DVC_ROOT`` to the original repository for every stage command (queued ones included),
+    so that wins. Outside DVC: the nearest directory at or above the working directory that
+    holds a ``.dvc`` folder, else the working directory.
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if (d / ".dvc").is_dir()), cwd)
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the SQLite store ``mlflow.db`` in :func:`store_root`.
+
+    The default URI carries a busy timeout so that parallel experiments wait for each
+    other's writes instead of failing at once.
+    """
+    default = f"sqlite:///{store_root() / 'mlflow.db'}?timeout={SQLITE_TIMEOUT_S}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (query string dropped), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first-time setup of a SQLite store between processes.
+
+    MLflow's tracking store creates its schema without a lock, so two experiments that start
+    at once on a fresh ``mlflow.db`` can both try to create the tables.
+    """
+    path = sqlite_path(uri)
+    if path is None or os.name == "nt":
+        yield
+        return
+    import fcntl
+    import tempfile
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"cnn-mlops-store-{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def with_retry(fn: Callable[[], T], attempts: int = 8) -> T:
@@ -43,21 +95,27 @@ def with_retry(fn: Callable[[], T], attempts: int = 8) -> T:
 
 
 def setup(experiment: str) -> str:
-    """Point MLflow at the store and select (creating once) the experiment; returns its id."""
+    """Point MLflow at the store and select (creating once) the experiment; returns its id.
+
+    Safe to call from parallel processes on a fresh store: schema and experiment creation
+    happen under a file lock.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    found = with_retry(lambda: mlflow.get_experiment_by_name(experiment))
-    if found is not None:
-        return found.experiment_id
-    artifacts = None
-    if tracking_uri().startswith("sqlite:///"):
-        # Keep artifacts beside the database, not wherever the process happens to run.
-        artifacts = (Path(tracking_uri().removeprefix("sqlite:///")).parent / "mlruns").as_uri()
-    try:
-        return with_retry(lambda: mlflow.create_experiment(experiment, artifact_location=artifacts))
-    except Exception:  # created by a parallel run in the meantime
-        return mlflow.get_experiment_by_name(experiment).experiment_id
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        found = with_retry(lambda: mlflow.get_experiment_by_name(experiment))
+        if found is not None:
+            return found.experiment_id
+        artifacts = None
+        if sqlite_path(uri) is not None:
+            # Keep artifacts beside the database, not wherever the process happens to run.
+            artifacts = (sqlite_path(uri).resolve().parent / "mlruns").as_uri()
+        try:
+            return with_retry(lambda: mlflow.create_experiment(experiment, artifact_location=artifacts))
+        except Exception:  # created by a parallel run against a non-SQLite store in the meantime
+            return mlflow.get_experiment_by_name(experiment).experiment_id
 
 
 def run_name() -> str:
@@ -140,3 +198,22 @@ def read_run_id(path: str | Path) -> str:
 
 def fingerprint(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.tracking init``: create the store and the experiment before parallel runs."""
+    from pipeline.config import PARAMS_FILE, load_params
+
+    parser = argparse.ArgumentParser(description="MLflow store maintenance.")
+    parser.add_argument("command", choices=["init"], help="init: create the store's schema and the experiment")
+    parser.add_argument("--experiment", default=None, help="experiment name (default: mlflow.experiment in params)")
+    parser.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the default experiment")
+    args = parser.parse_args(argv)
+    experiment = args.experiment or load_params(args.params).mlflow.experiment
+    experiment_id = setup(experiment)
+    print(f"{tracking_uri()}: experiment {experiment!r} (id {experiment_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

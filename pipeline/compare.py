@@ -1,0 +1,424 @@
+"""Compare the experiment's MLflow runs, promote a model version, fetch the champion for serving.
+
+    python -m pipeline.compare                          # table of FINISHED runs, best test top-1 first
+    python -m pipeline.compare --last 5 --md --plot curves.png
+    python -m pipeline.compare promote --run <exp-name|run-id> [--force]
+    python -m pipeline.compare promote --version 3
+    python -m pipeline.compare export-champion --out artifacts/champion
+
+A DVC experiment is one MLflow run named after it (see ``pipeline/tracking.py``), so the
+table lines up with ``dvc exp show``. The store is the one ``tracking.tracking_uri()`` names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import PARAMS_FILE, load_params
+
+log = logging.getLogger(__name__)
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# (column title, metric keys (first present wins), format) of the metric columns, in table order.
+METRIC_COLUMNS = (("test top-1", ("test_top1",), "{:.4f}"), ("test top-5", ("test_top5",), "{:.4f}"),
+                  ("train s", ("train_seconds",), "{:.1f}"),
+                  # the run's mean; older runs only have the per-epoch value (its last epoch)
+                  ("img/s", ("mean_images_per_s", "images_per_s"), "{:.0f}"))
+CURVES = (("val_top1", "val top-1"), ("val_loss", "val loss"))
+
+
+class CompareError(RuntimeError):
+    """A bad argument or a missing run, version or store; the message says which."""
+
+
+# --------------------------------------------------------------------------- store
+def open_client():
+    """An ``MlflowClient`` on the project's store; refuses to create an empty SQLite file."""
+    import mlflow
+
+    uri = tracking.tracking_uri()
+    path = tracking.sqlite_path(uri)
+    if path is not None and not path.exists():
+        raise CompareError(f"{path}: no MLflow store; run the pipeline first (dvc exp run) "
+                           "or point MLFLOW_TRACKING_URI at the store")
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def fetch_runs(client, experiment: str, include_all: bool = False) -> list:
+    """The experiment's runs, newest first; only FINISHED ones unless ``include_all``."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise CompareError(f"no MLflow experiment {experiment!r} (have: {', '.join(names) or 'none'})")
+    status = "" if include_all else "attributes.status = 'FINISHED'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], status, max_results=1000,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def select_runs(runs: list, wanted: Sequence[str] = (), last: int | None = None) -> list:
+    """Keep the runs named (by run name, run id or id prefix) in ``wanted``, then the ``last`` newest."""
+    if wanted:
+        chosen = []
+        for key in wanted:
+            hits = [r for r in runs if key in (r.info.run_name, r.info.run_id) or
+                    (len(key) >= 6 and r.info.run_id.startswith(key))]
+            if not hits:
+                names = ", ".join(r.info.run_name for r in runs) or "none"
+                raise CompareError(f"no run named {key!r} among the listed runs (have: {names})")
+            chosen.extend(h for h in hits if h not in chosen)
+        runs = chosen
+    if last is not None:
+        if last < 1:
+            raise CompareError(f"--last must be at least 1, got {last}")
+        runs = sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)[:last]
+    return runs
+
+
+# --------------------------------------------------------------------------- table
+def differing_params(runs: list, skip: Sequence[str] = ("train.model",)) -> list[str]:
+    """Param keys whose values are not the same in every run (a missing value counts as one)."""
+    keys = sorted({k for r in runs for k in r.data.params} - set(skip))
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def sort_runs(runs: list, metric: str, ascending: bool = False) -> list:
+    """Sort by ``metric`` (a metric key or ``start_time``); runs without it go last."""
+    def value(run) -> float | None:
+        raw = run.info.start_time if metric == "start_time" else run.data.metrics.get(metric)
+        return None if raw is None or (isinstance(raw, float) and math.isnan(raw)) else float(raw)
+
+    present = [r for r in runs if value(r) is not None]
+    missing = [r for r in runs if value(r) is None]
+    return sorted(present, key=value, reverse=not ascending) + missing
+
+
+def table_rows(runs: list, params: Sequence[str], with_status: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and string cells: run, [status], model, the given params, metrics, short run id."""
+    header = ["run", *(["status"] if with_status else []), "model", *params,
+              *(title for title, _, _ in METRIC_COLUMNS), "run id"]
+    rows = []
+    for run in runs:
+        metrics = run.data.metrics
+        values = [next((metrics[k] for k in keys if k in metrics), None) for _, keys, _ in METRIC_COLUMNS]
+        cells = [run.info.run_name or "-", *([run.info.status] if with_status else []),
+                 run.data.params.get("train.model", run.data.tags.get("model", "-")),
+                 *(run.data.params.get(k, "-") for k in params),
+                 *("-" if v is None else fmt.format(v) for v, (_, _, fmt) in zip(values, METRIC_COLUMNS, strict=True)),
+                 run.info.run_id[:8]]
+        rows.append(cells)
+    return header, rows
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return cell == "-"
+    return True
+
+
+def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    """A fixed-width text table, or a GitHub Markdown one; numeric columns right-aligned."""
+    right = [bool(rows) and all(_numeric(row[i]) for row in rows) for i in range(len(header))]
+    if markdown:
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        rule = "|" + "|".join("---:" if r else "---" for r in right) + "|"
+        return "\n".join([line(header), rule, *(line(row) for row in rows)])
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+
+    def pad(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
+    return "\n".join([pad(header), "  ".join("-" * w for w in widths), *(pad(row) for row in rows)])
+
+
+def plot_curves(client, runs: list, path: Path) -> None:
+    """val top-1 and val loss per epoch (MLflow metric history) of each run, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for run in runs:
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            if history:
+                ax.plot([m.step for m in history], [m.value for m in history], marker=".",
+                        label=run.info.run_name or run.info.run_id[:8])
+        ax.set(xlabel="epoch", ylabel=title, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- registry
+def _not_found(err: Exception) -> bool:
+    return getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def alias_version(client, model_name: str, alias: str):
+    """The model version ``alias`` points to, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        # A missing alias is INVALID_PARAMETER_VALUE in get_model_version_by_alias; the model's
+        # alias map tells "not set" apart from real errors.
+        aliases = client.get_registered_model(model_name).aliases or {}
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        raise
+    return client.get_model_version(model_name, str(aliases[alias])) if alias in aliases else None
+
+
+def find_run(client, key: str, experiment: str):
+    """A run by id, else the newest FINISHED run of that name in ``experiment``."""
+    from mlflow.exceptions import MlflowException
+
+    if RUN_ID.match(key):
+        try:
+            return client.get_run(key)
+        except MlflowException as err:
+            if not _not_found(err):
+                raise
+    runs = [r for r in fetch_runs(client, experiment) if r.info.run_name == key]
+    if not runs:
+        raise CompareError(f"no FINISHED run with id or name {key!r} in experiment {experiment!r}")
+    if len(runs) > 1:
+        log.warning("%d runs are named %r; using the newest, %s", len(runs), key, runs[0].info.run_id)
+    return runs[0]
+
+
+def resolve_version(client, model_name: str, version: int | None = None, run: str | None = None,
+                    experiment: str = ""):
+    """The model version given by number, or the newest version registered from ``run``."""
+    from mlflow.exceptions import MlflowException
+
+    if version is not None:
+        try:
+            return client.get_model_version(model_name, str(version))
+        except MlflowException as err:
+            if _not_found(err):
+                raise CompareError(f"model {model_name!r} has no version {version}") from None
+            raise
+    found = find_run(client, run or "", experiment)
+    run_id = found.info.run_id
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if not versions:
+        raise CompareError(f"run {run!r} ({run_id}) has no registered version of {model_name!r}; "
+                           "did its export stage run?")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def version_top1(client, model_version) -> float | None:
+    """Test top-1 of a model version: its ``test_top1`` tag, else its run's ``test_top1`` metric."""
+    tag = (model_version.tags or {}).get("test_top1")
+    if tag not in (None, ""):
+        return float(tag)
+    if model_version.run_id:
+        return client.get_run(model_version.run_id).data.metrics.get("test_top1")
+    return None
+
+
+def promote(client, model_name: str, model_version, alias: str = "champion", force: bool = False) -> tuple[bool, str]:
+    """Point ``alias`` at ``model_version`` unless its test top-1 is below the current holder's.
+
+    Returns:
+        (done, message). Not done means refused; ``force`` never refuses.
+    """
+    new = version_top1(client, model_version)
+    current = alias_version(client, model_name, alias)
+    label = f"version {model_version.version} (test top-1 {_fmt(new)})"
+    if current is not None and current.version == model_version.version:
+        return True, f"{model_name} {label} already is {alias!r}"
+    if current is not None:
+        old = version_top1(client, current)
+        held = f"{alias} version {current.version} (test top-1 {_fmt(old)})"
+        worse = new is None or (old is not None and new < old)
+        if worse and not force:
+            why = "not comparable with" if new is None else "below"
+            return False, (f"refusing to promote {model_name} {label}: {why} the current {held}; "
+                           "pass --force to promote anyway")
+        note = f", replacing {held}" + (" (forced)" if worse else "")
+    else:
+        note = ""
+    tracking.with_retry(lambda: client.set_registered_model_alias(model_name, alias, model_version.version))
+    return True, f"{model_name} {label} is now {alias!r}{note}"
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4f}"
+
+
+def export_champion(client, model_name: str, out: Path, alias: str = "champion") -> dict:
+    """Download the ``alias`` version's ``classifier.onnx`` and ``saliency.onnx`` into ``out``.
+
+    The layout is the export stage's (``classifier.onnx``, ``saliency.onnx``, ``export.json``),
+    so ``python -m serving.store import-export <out>`` takes it as it takes ``artifacts/export``.
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    model_version = alias_version(client, model_name, alias)
+    if model_version is None:
+        raise CompareError(f"model {model_name!r} has no {alias!r} version; promote one first "
+                           "(python -m pipeline.compare promote --run NAME)")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        model_dir = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model_name}/{model_version.version}", dst_path=str(Path(tmp) / "model")))
+        onnx_file = model_dir / Model.load(model_dir / "MLmodel").flavors["onnx"]["data"]
+        saliency = Path(mlflow.artifacts.download_artifacts(
+            run_id=model_version.run_id, artifact_path="export/saliency.onnx", dst_path=tmp))
+        for source, name in ((onnx_file, "classifier.onnx"), (saliency, "saliency.onnx")):
+            _check_run_id(source, model_version.run_id)
+            os.replace(source, out / name)
+    metrics = {k.removeprefix("test_"): float(v) for k, v in (model_version.tags or {}).items()
+               if k in ("test_top1", "test_top5")}
+    summary = {"registered_model": model_name, "version": str(model_version.version), "alias": alias,
+               "mlflow_run_id": model_version.run_id, "metrics": metrics}
+    (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_run_id(path: Path, run_id: str) -> None:
+    """The ONNX metadata must name the run the registry says the file came from."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if props.get("mlflow_run_id", run_id) != run_id:
+        raise CompareError(f"{path.name}: made by run {props['mlflow_run_id']}, but the registry says {run_id}")
+
+
+# --------------------------------------------------------------------------- CLI
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Compare the MLflow runs of the experiment.",
+        epilog="Other commands: 'promote' (set the champion alias), 'export-champion' (download it "
+               "for serving); add -h after one for its flags.")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: mlflow.experiment in params)")
+    parser.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the defaults")
+    parser.add_argument("--sort", default="test_top1", help="metric to sort by, or start_time (default test_top1)")
+    parser.add_argument("--asc", action="store_true", help="sort ascending (default descending)")
+    parser.add_argument("--runs", nargs="+", default=(), metavar="RUN", help="only these run names or ids")
+    parser.add_argument("--last", type=int, default=None, metavar="N", help="only the N newest runs")
+    parser.add_argument("--all", action="store_true", help="include runs that are not FINISHED (adds a status column)")
+    parser.add_argument("--md", action="store_true", help="print a Markdown table (for a CI comment)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                        help="write a PNG of val top-1 and val loss per epoch of the listed runs")
+    return parser
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """The table (and plot) of the experiment's runs."""
+    args = get_args_parser().parse_args(argv)
+    experiment = args.experiment or load_params(args.params).mlflow.experiment
+    client = open_client()
+    runs = select_runs(fetch_runs(client, experiment, include_all=args.all), args.runs, args.last)
+    if not runs:
+        raise CompareError(f"no {'' if args.all else 'FINISHED '}runs in experiment {experiment!r}")
+    runs = sort_runs(runs, args.sort, ascending=args.asc)
+    if all(args.sort not in r.data.metrics for r in runs) and args.sort != "start_time":
+        keys = sorted({k for r in runs for k in r.data.metrics})
+        raise CompareError(f"--sort {args.sort!r}: no run has that metric (have: {', '.join(keys)})")
+    header, rows = table_rows(runs, differing_params(runs), with_status=args.all)
+    print(format_table(header, rows, markdown=args.md))
+    if args.plot:
+        plot_curves(client, runs, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _registry_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-name", default=None,
+                        help="registered model (default: export.registered_model in params)")
+    parser.add_argument("--alias", default="champion", help="registry alias (default champion)")
+    parser.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the defaults")
+    return parser
+
+
+def promote_cli(argv: Sequence[str] | None = None) -> int:
+    """``promote``: move the champion alias; exit 1 when refused."""
+    parser = _registry_parser("Point the champion alias at a model version, unless it tests worse.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, help="model version number")
+    which.add_argument("--run", help="run id or run name (= DVC experiment name); its newest version")
+    parser.add_argument("--experiment", default=None, help="experiment to look run names up in (default: params)")
+    parser.add_argument("--force", action="store_true", help="promote even if test top-1 is below the champion's")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    model_name = args.model_name or params.export.registered_model
+    client = open_client()
+    model_version = resolve_version(client, model_name, args.version, args.run,
+                                    args.experiment or params.mlflow.experiment)
+    done, message = promote(client, model_name, model_version, args.alias, args.force)
+    print(message, file=sys.stdout if done else sys.stderr)
+    return 0 if done else 1
+
+
+def export_champion_cli(argv: Sequence[str] | None = None) -> int:
+    """``export-champion``: the champion's ONNX files, laid out like ``artifacts/export``."""
+    parser = _registry_parser("Download the champion's classifier.onnx and saliency.onnx for serving.")
+    parser.add_argument("--out", type=Path, required=True, help="directory to write (created if missing)")
+    args = parser.parse_args(argv)
+    model_name = args.model_name or load_params(args.params).export.registered_model
+    summary = export_champion(open_client(), model_name, args.out, args.alias)
+    print(f"{model_name} version {summary['version']} ({args.alias}, run {summary['mlflow_run_id']}) "
+          f"-> {args.out}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"promote": promote_cli, "export-champion": export_champion_cli}
+
+
+def _guard(command: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import ParamsError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return command(argv)
+    except (CompareError, ParamsError, MlflowException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.compare [promote|export-champion] ...`` (console script ``cnn-compare``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return _guard(COMMANDS[argv[0]], argv[1:])
+    return _guard(compare_main, argv)
+
+
+def promote_main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``cnn-promote``: same as ``python -m pipeline.compare promote``."""
+    return _guard(promote_cli, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

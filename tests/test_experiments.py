@@ -1,0 +1,221 @@
+"""DVC experiments ↔ MLflow runs, end to end: real ``dvc`` CLI in a temp git repo, real SQLite store.
+
+Each test copies the project's tracked files into a fresh git repository with a tiny dataset
+(3 classes × 30 PNGs, 32 px) and tiny params, then drives ``dvc exp run`` as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import compare, tracking
+from tests.conftest import copy_project, sh, tool_env
+
+TINY = {
+    "preprocess": {"size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
+    "train": {"model": "lenet5", "epochs": 2, "batch_size": 16, "warmup_epochs": 0.0, "threads": 1,
+              "device": "cpu"},
+    "evaluate": {"saliency_per_class": 1},
+}
+pytestmark = pytest.mark.slow
+
+
+def _pattern(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Class 0 horizontal stripes, 1 vertical stripes, 2 a bright square; on noise.
+
+    Harder than the tinted folders: lr 0.001 stays near chance in 2 epochs while lr 0.1 learns,
+    which the promote test needs (two different test top-1 values).
+    """
+    image = rng.integers(0, 60, (size, size)).astype(np.uint8)
+    offset = int(rng.integers(0, 4))
+    if label == 0:
+        image[offset::4] = 220
+    elif label == 1:
+        image[:, offset::4] = 220
+    else:
+        image[8 + offset:20 + offset, 8:20] = 230
+    return image
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """:func:`tool_env` without any inherited MLflow or DVC setting, plus ``extra``."""
+    env = {k: v for k, v in tool_env().items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    return {**env, "DVC_NO_ANALYTICS": "1", **extra}
+
+
+def make_project(dest: Path, env: dict[str, str]) -> Path:
+    """A committed copy of the project, tiny params, 3 classes × 30 patterned 32 px PNGs in DVC."""
+    copy_project(dest, TINY)
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (dest / "data" / f"c{label}").mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(_pattern(label, rng)).save(dest / "data" / f"c{label}" / f"{i:02d}.png")
+    sh(dest, "dvc", "add", "-q", "data", env=env)
+    sh(dest, "git", "add", "-A", env=env)
+    sh(dest, "git", "commit", "-q", "-m", "tiny data", env=env)
+    return dest
+
+
+def _head(repo: Path, env: dict[str, str]) -> str:
+    return sh(repo, "git", "rev-parse", "HEAD", env=env).strip()
+
+
+def _exp_names(repo: Path, env: dict[str, str]) -> list[str]:
+    out = subprocess.run(["dvc", "exp", "ls", "--name-only"], cwd=repo, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+
+def _runs(uri: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cnn-mlops")
+    return list(client.search_runs([experiment.experiment_id], max_results=100)) if experiment else []
+
+
+def _check_one_run_per_experiment(uri: str, names: list[str], baseline: str) -> dict[str, object]:
+    """Each DVC experiment is exactly one FINISHED run named after it, tagged with name and baseline."""
+    runs = _runs(uri)
+    assert len(runs) == len(names), [(r.info.run_name, r.info.status) for r in runs]
+    by_name = {}
+    for name in names:
+        mine = [r for r in runs if r.data.tags.get("dvc_exp_name") == name]
+        assert len(mine) == 1, f"{name}: {len(mine)} MLflow runs"
+        run = mine[0]
+        assert run.info.run_name == name
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["dvc_exp_baseline_rev"] == baseline
+        assert {"test_top1", "test_top5", "train_seconds", "images_per_s"} <= set(run.data.metrics)
+        by_name[name] = run
+    return by_name
+
+
+def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
+    """Two ``dvc exp run -S`` in the workspace, an explicit MLFLOW_TRACKING_URI; compare, promote, export."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    env = _env(MLFLOW_TRACKING_URI=uri)
+    repo = make_project(tmp_path / "repo", env)
+    baseline = _head(repo, env)
+    for key in [k for k in os.environ if k.startswith("DVC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args = ["--params", str(repo / "params.yaml")]
+    assert tracking.main(["init", *args]) == 0  # the store exists before any stage runs
+
+    sh(repo, "dvc", "exp", "run", "-n", "fast", "-S", "train.lr=0.1", env=env)
+    sh(repo, "dvc", "exp", "run", "-n", "slow", "-S", "train.lr=0.001", env=env)
+    assert _exp_names(repo, env) == ["fast", "slow"]
+    runs = _check_one_run_per_experiment(uri, ["fast", "slow"], baseline)
+    assert not (repo / "mlflow.db").exists()  # MLFLOW_TRACKING_URI wins over the default
+    fast, slow = (runs[n].data.metrics["test_top1"] for n in ("fast", "slow"))
+    assert fast > slow, f"lr 0.1 should beat lr 0.001 on the tiny set: {fast} vs {slow}"
+
+    capsys.readouterr()
+    assert compare.main([*args, "--plot", str(tmp_path / "curves.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "train.lr" in table[0].split() and "test top-1" in table[0]
+    assert "train.epochs" not in table[0]  # only params that differ
+    assert table[2].split()[:3] == ["fast", "lenet5", "0.1"]  # best test top-1 first
+    assert table[3].split()[:3] == ["slow", "lenet5", "0.001"]
+    assert f"{fast:.4f}" in table[2] and f"{slow:.4f}" in table[3]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert compare.main([*args, "--md", "--sort", "test_top1", "--asc", "--last", "1"]) == 0
+    markdown = capsys.readouterr().out.splitlines()
+    assert markdown[0].startswith("| run |") and markdown[1].startswith("|---|") and len(markdown) == 3
+    assert compare.main([*args, "--runs", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err
+
+    assert compare.main(["promote", "--run", "fast", *args]) == 0
+    assert "now 'champion'" in capsys.readouterr().out
+    assert compare.promote_main(["--run", "slow", *args]) == 1
+    refused = capsys.readouterr().err
+    assert "refusing" in refused and f"{fast:.4f}" in refused and f"{slow:.4f}" in refused
+    assert compare.main(["promote", "--run", "slow", "--force", *args]) == 0
+    assert "(forced)" in capsys.readouterr().out
+    client = compare.open_client()
+    champion = client.get_model_version_by_alias("cnn-classifier", "champion")
+    assert champion.run_id == runs["slow"].info.run_id
+
+    out = tmp_path / "champion"
+    assert compare.main(["export-champion", "--out", str(out), *args]) == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["mlflow_run_id"] == runs["slow"].info.run_id and summary["version"] == str(champion.version)
+    assert (out / "classifier.onnx").stat().st_size > 0 and (out / "saliency.onnx").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "export.json", "saliency.onnx"]
+
+
+def _queue_idle(repo: Path, env: dict[str, str]) -> bool:
+    status = sh(repo, "dvc", "queue", "status", env=env)
+    assert "Failed" not in status, status
+    return not any(word in status for word in ("Queued", "Running"))
+
+
+def _stop_workers(repo: Path, env: dict[str, str]) -> None:
+    """Ask the queue's celery workers to stop; kill (by pid) those of this repo that linger."""
+    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not _worker_pids(repo):
+            return
+        time.sleep(1)
+    for pid in _worker_pids(repo):
+        os.kill(pid, 9)
+
+
+def _worker_pids(repo: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"queue-worker" in cmdline and Path(os.readlink(proc / "cwd")) == repo:
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_queued_experiments_in_parallel(tmp_path):
+    """Two queued experiments, two workers, default store location: one intact store in the repo root."""
+    env = _env()
+    repo = make_project(tmp_path / "repo", env).resolve()
+    baseline = _head(repo, env)
+    try:
+        sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=env)
+        sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=env)
+        sh(repo, "dvc", "queue", "start", "-j", "2", env=env)
+        deadline = time.monotonic() + 300
+        while not _queue_idle(repo, env):
+            assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status", env=env)
+            time.sleep(3)
+    finally:
+        _stop_workers(repo, env)
+    names = _exp_names(repo, env)
+    assert len(names) == 2, names
+    store = repo / "mlflow.db"  # DVC_ROOT, not the .dvc/tmp/exps copy the stages ran in
+    assert store.exists()
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    runs = _check_one_run_per_experiment(f"sqlite:///{store}", names, baseline)
+    for run in runs.values():  # artifacts beside the store too, not in the deleted temp copy
+        assert run.info.artifact_uri.startswith((repo / "mlruns").as_uri())
+    versions = mlflow.MlflowClient(f"sqlite:///{store}").search_model_versions("name = 'cnn-classifier'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs.values())
+
+    # the CLI, run from the repo root with no MLFLOW_TRACKING_URI, finds the same store
+    shown = sh(repo, sys.executable, "-m", "pipeline.compare", "--md", "--all", env=env).splitlines()
+    header = next(line for line in shown if line.startswith("| run |"))
+    assert "| status |" in header and "| train.lr |" in header
+    assert all(any(line.startswith(f"| {name} | FINISHED |") for line in shown) for name in names), shown
