@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 PORT ?= 3000
 
-.PHONY: setup data run test lint serve bench clean
+.PHONY: setup data run test lint serve serve-champion bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ lint: setup
 serve: setup
 	python -m serving.store import-export artifacts/export
 	PORT=$(PORT) bentoml serve serving.service:Classifier --port $(PORT)
+
+# The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry.
+serve-champion: setup
+	python -m pipeline.compare export-champion --out artifacts/champion
+	python -m serving.store import-export artifacts/champion
+	SERVING_MODEL=champion bentoml serve serving.service:Classifier --port $(PORT)
 
 bench: setup
 	python bench/preprocess.py

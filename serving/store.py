@@ -52,14 +52,25 @@ def check_model_dir(path: Path) -> Path:
 def resolve_alias(alias: str) -> str:
     """Map an MLflow alias (``champion``, ``candidate``) to a model-store tag.
 
-    The hook for alias-based serving: MLflow is not importable at serve time, so the plan is
-    to record aliases as store labels at import (or promotion) time and look them up here
-    with ``bentoml.models.list(MODEL_NAME)``. Until then aliases are refused, by name.
+    MLflow is not importable at serve time, so aliases travel as a store label:
+    ``python -m pipeline.compare export-champion`` writes ``"alias"`` into ``export.json`` and
+    :func:`import_export` records it. The newest import carrying the label wins.
     """
-    raise ModelNotFound(
-        f"SERVING_MODEL={alias!r} is an MLflow alias; serving by alias is not supported yet. "
-        f"Use a store tag ({DEFAULT_SPEC}) or a folder with {' and '.join(MODEL_FILES)}"
-    )
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        imported = bentoml.models.list(MODEL_NAME)
+    except NotFound:  # nothing imported yet
+        imported = []
+    labelled = [m for m in imported if m.info.labels.get("alias") == alias]
+    if not labelled:
+        raise ModelNotFound(
+            f"SERVING_MODEL={alias!r}: no model in the store carries the MLflow alias {alias!r}; run "
+            f"`python -m pipeline.compare export-champion --out artifacts/{alias}` and "
+            f"`python -m serving.store import-export artifacts/{alias}` (or `make serve-champion`)"
+        )
+    return str(max(labelled, key=lambda m: m.info.creation_time).tag)
 
 
 def model_spec(spec: str | None = None) -> str:
@@ -130,6 +141,7 @@ def import_export(export_dir: str | Path, tag_version: str | None = None) -> str
         "registered_model": str(summary.get("registered_model", "")),
         "mlflow_version": str(summary.get("version", "")),
         "mlflow_run_id": str(summary.get("mlflow_run_id", meta.get("mlflow_run_id", ""))),
+        "alias": str(summary.get("alias", "")),  # set by `pipeline.compare export-champion`
         **{k: f"{v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))},
     }
     metadata = {

@@ -268,11 +268,39 @@ def test_resolve_model_dir(exported_model: Path, tmp_path: Path, monkeypatch: py
         store.resolve_model_dir(str(tmp_path))
     with pytest.raises(store.ModelNotFound, match="no such folder"):
         store.resolve_model_dir(str(tmp_path / "nope"))
-    with pytest.raises(store.ModelNotFound, match="MLflow alias"):
-        store.resolve_model_dir("champion")
     assert store.store_tag("cnn-classifier:abc") == "cnn-classifier:abc"
     monkeypatch.delenv("SERVING_MODEL")
     assert store.store_tag() == store.DEFAULT_SPEC
+
+
+CHAMPION_SCRIPT = """
+import json, shutil, sys
+from pathlib import Path
+from serving import store
+export, work = Path(sys.argv[1]), Path(sys.argv[2])
+try:
+    store.resolve_model_dir("champion")
+except store.ModelNotFound as err:
+    print("before:", err)
+champion = work / "champion"
+shutil.copytree(export, champion)
+summary = json.loads((champion / "export.json").read_text())
+(champion / "export.json").write_text(json.dumps({**summary, "version": "3", "alias": "champion"}))
+first = store.import_export(champion)
+plain = store.import_export(export)  # newer, but not the champion
+print("champion:", first, "plain:", plain, "resolved:", store.resolve_model_dir("champion"))
+"""
+
+
+def test_serving_model_champion_resolves_the_aliased_import(exported_model: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    done = subprocess.run([sys.executable, "-c", CHAMPION_SCRIPT, str(exported_model), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "before: SERVING_MODEL='champion': no model in the store carries the MLflow alias" in done.stdout
+    line = done.stdout.splitlines()[-1].split()
+    champion_tag, resolved = line[1], Path(line[5])
+    assert resolved.parts[-1] == champion_tag.split(":")[1]  # the store folder of the aliased import
 
 
 # ----------------------------------------------------------------------------- the ASGI guard
