@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from pipeline import compare, tracking
-from tests.conftest import copy_project, sh, tool_env
+from tests.conftest import copy_project, pattern_image, sh, tool_env
 
 TINY = {
     "preprocess": {"size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
@@ -29,23 +29,6 @@ TINY = {
     "evaluate": {"saliency_per_class": 1},
 }
 pytestmark = pytest.mark.slow
-
-
-def _pattern(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """Class 0 horizontal stripes, 1 vertical stripes, 2 a bright square; on noise.
-
-    Harder than the tinted folders: lr 0.001 stays near chance in 2 epochs while lr 0.1 learns,
-    which the promote test needs (two different test top-1 values).
-    """
-    image = rng.integers(0, 60, (size, size)).astype(np.uint8)
-    offset = int(rng.integers(0, 4))
-    if label == 0:
-        image[offset::4] = 220
-    elif label == 1:
-        image[:, offset::4] = 220
-    else:
-        image[8 + offset:20 + offset, 8:20] = 230
-    return image
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -61,7 +44,7 @@ def make_project(dest: Path, env: dict[str, str]) -> Path:
     for label in range(3):
         (dest / "data" / f"c{label}").mkdir(parents=True)
         for i in range(30):
-            Image.fromarray(_pattern(label, rng)).save(dest / "data" / f"c{label}" / f"{i:02d}.png")
+            Image.fromarray(pattern_image(label, rng)).save(dest / "data" / f"c{label}" / f"{i:02d}.png")
     sh(dest, "dvc", "add", "-q", "data", env=env)
     sh(dest, "git", "add", "-A", env=env)
     sh(dest, "git", "commit", "-q", "-m", "tiny data", env=env)

@@ -21,23 +21,11 @@ from PIL import Image
 from pipeline import train as train_stage
 from pipeline.config import Params, PreprocessParams, TrainParams
 from pipeline.preprocess import preprocess_folder
+from tests.conftest import pattern_image
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY_TRAIN = TrainParams(model="lenet5", epochs=3, batch_size=16, lr=0.05, warmup_epochs=0.5, threads=1)
-
-
-def _pattern(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """A learnable image: class 0 horizontal stripes, 1 vertical, 2 a bright square; plus noise."""
-    image = rng.integers(0, 60, (size, size)).astype(np.uint8)
-    offset = int(rng.integers(0, 4))
-    if label == 0:
-        image[offset::4] = 220
-    elif label == 1:
-        image[:, offset::4] = 220
-    else:
-        image[8 + offset:20 + offset, 8:20] = 230
-    return image
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +36,7 @@ def tiny_data(tmp_path_factory) -> Path:
     for label in range(3):
         (root / "data" / f"c{label}").mkdir(parents=True)
         for i in range(40):
-            Image.fromarray(_pattern(label, rng)).save(root / "data" / f"c{label}" / f"{i}.png")
+            Image.fromarray(pattern_image(label, rng)).save(root / "data" / f"c{label}" / f"{i}.png")
     preprocess_folder(root / "data", root / "pre", PreprocessParams(size=32, val_fraction=0.2,
                                                                      test_fraction=0.2, workers=1), seed=0)
     return root / "pre"
