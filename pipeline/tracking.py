@@ -71,10 +71,9 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
         return
     import fcntl
-    import tempfile
 
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"cnn-mlops-store-{key}.lock", "w") as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:  # beside the store, gone with it
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
