@@ -87,3 +87,20 @@ def test_onnx_runtime_matches_pytorch_on_the_test_split(repo: Path):
     assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
     np.testing.assert_array_equal(onnx_logits.argmax(1), torch_logits.argmax(1))
     np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(torch_logits), 1).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_changing_a_param_reruns_its_stage(repo: Path):
+    """Regression: with whole-section params DVC's run cache restored outputs of other values."""
+    params = repo / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("size: 32", "size: 24", 1))
+    try:
+        out = sh(repo, "dvc", "repro", "preprocess")
+        assert "Running stage 'preprocess'" in out
+        manifest = json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())
+        assert manifest["size"] == 24
+    finally:
+        params.write_text(original)
+        sh(repo, "dvc", "repro", "preprocess")  # back to the fixture's outputs (from the run cache)
+    assert json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())["size"] == 32
