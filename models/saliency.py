@@ -36,6 +36,7 @@ default), opset 18, batch dimension dynamic; :func:`export_onnx` writes a single
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Sequence
@@ -44,8 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 # Layers SaliencyGraph knows how to differentiate; anything else is refused at construction.
+METHODS = ("gradient", "guided", "gradcam")  # saliency.onnx outputs after logits, in this order
+
 _SUPPORTED = (
     nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Tanh, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
     nn.Dropout, nn.Identity, nn.Flatten, nn.Linear,
@@ -112,9 +116,14 @@ class SaliencyGraph(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, mean: Sequence[float], std: Sequence[float], image_size: int
+        self, model: nn.Module, mean: Sequence[float], std: Sequence[float], image_size: int,
+        methods: Sequence[str] = METHODS,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown or not methods:
+            raise ValueError(f"SaliencyGraph methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+        self.methods = tuple(m for m in METHODS if m in methods)  # outputs in the contract order
         model.eval().requires_grad_(False)
         self.normalize = Normalize(mean, std)
         avgpool = getattr(model, "avgpool", None) or nn.Identity()  # LeNet-5 has none
@@ -138,10 +147,13 @@ class SaliencyGraph(nn.Module):
         x = torch.zeros(1, first.in_channels, image_size, image_size, dtype=first.weight.dtype)
         self.output_padding: dict[int, tuple[int, int]] = {}
         self.pool_size: dict[int, tuple[int, int]] = {}  # (Ho, Wo) of each adaptive pool
+        self.tiling_pools: set[int] = set()  # max pools whose windows tile the input (no overlap)
         for i, layer in enumerate(self.layers):
             y = layer(x)
             if isinstance(layer, nn.Conv2d):
                 self.output_padding[i] = _conv_output_padding(layer, x.shape[-2:], y.shape[-2:])
+            elif isinstance(layer, nn.MaxPool2d) and _tiles(layer, x.shape[-2:]):
+                self.tiling_pools.add(i)
             elif isinstance(layer, nn.AdaptiveAvgPool2d):
                 # Pool each one-hot image: P (Ho*Wo, H*W), row o = the weights of output pixel o.
                 h, w = x.shape[-2:]
@@ -173,25 +185,28 @@ class SaliencyGraph(nn.Module):
         # d(selected logit)/d(logits) = one-hot row; arange == target exports everywhere.
         seed = (torch.arange(logits.shape[1], device=logits.device) == target[:, None]).to(logits.dtype)
 
-        grad, cam_grad = self._backward(seed, outs, indices, guided=False)
-        guided, _ = self._backward(seed, outs, indices, guided=True)
+        grads, cam_grad = self._backward(seed, outs, indices)
+        maps = {}
         # Chain through (x - mean) / std: d/dx = g / std, so the maps are w.r.t. the 0–1 image.
-        grad = grad / self.normalize.std
-        guided = guided / self.normalize.std
-
-        act = outs[self.cam_index + 1]  # (N, C', h, w) output of the Grad-CAM layer
-        weights = cam_grad.mean(dim=(2, 3), keepdim=True)  # (N, C', 1, 1)
-        cam = (weights * act).sum(dim=1, keepdim=True).relu()  # (N, 1, h, w)
-        cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)
-        return logits, grad, guided, cam
+        for method in ("gradient", "guided"):
+            if method in self.methods:
+                maps[method] = grads[method] / self.normalize.std
+        if "gradcam" in self.methods:
+            act = outs[self.cam_index + 1]  # (N, C', h, w) output of the Grad-CAM layer
+            weights = cam_grad.mean(dim=(2, 3), keepdim=True)  # (N, C', 1, 1)
+            cam = (weights * act).sum(dim=1, keepdim=True).relu()  # (N, 1, h, w)
+            cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            maps["gradcam"] = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)
+        return (logits, *(maps[m] for m in self.methods))
 
     def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         """Run the layers, keeping what backward needs: outs[i] is the input of layer i
         (outs[-1] the logits) and indices[i] the argmax positions of max-pool layer i."""
         outs, indices = [x], {}
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, nn.MaxPool2d):
+            if i in self.tiling_pools:
+                x = F.max_pool2d(x, layer.kernel_size, layer.stride)  # backward needs no indices
+            elif isinstance(layer, nn.MaxPool2d):
                 x, indices[i] = F.max_pool2d(
                     x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                     ceil_mode=layer.ceil_mode, return_indices=True,
@@ -205,44 +220,158 @@ class SaliencyGraph(nn.Module):
         return outs, indices
 
     def _backward(
-        self, g: torch.Tensor, outs: list[torch.Tensor], indices: dict[int, torch.Tensor], guided: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Propagate ``g`` (gradient w.r.t. the logits) to the normalised input.
+        self, seed: torch.Tensor, outs: list[torch.Tensor], indices: dict[int, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Propagate ``seed`` (gradient w.r.t. the logits, (N, K)) down the layers, once for all
+        methods: the plain pass (gradient, Grad-CAM) and the guided pass are stacked along the
+        batch, rows [plain; guided], so every weight and activation mask is read once for both
+        (VGG16's first Linear alone is 400 MB). Grad-CAM needs the plain pass only down to its
+        layer; below it, a plain pass that only serves Grad-CAM is dropped.
 
         Returns:
-            The input gradient and the gradient at the Grad-CAM layer's output.
+            {"gradient": ..., "guided": ...} input gradients (N, C, H, W), each only if its
+            method is wanted, and the plain gradient at the Grad-CAM layer's output (or None).
         """
-        cam_grad = g
+        passes = [p for p, wanted in (("gradient", {"gradient", "gradcam"}), ("guided", {"guided"}))
+                  if wanted & set(self.methods)]  # stacking order; "gradient" = the plain pass
+        g = seed if len(passes) == 1 else torch.cat([seed] * len(passes))
+        cam_grad = None
+        # Guided rule at every activation: max(g, floor), floor -inf for plain rows, 0 for guided.
+        floor = torch.tensor([0.0 if p == "guided" else -torch.inf for p in passes], dtype=seed.dtype,
+                             device=seed.device)
         for i in reversed(range(len(self.layers))):
             layer, x, y = self.layers[i], outs[i], outs[i + 1]
-            if i == self.cam_index:
-                cam_grad = g
+            if i == self.cam_index and "gradcam" in self.methods:
+                cam_grad = g if len(passes) == 1 else g.unflatten(0, (len(passes), -1))[0]
+                if "gradient" not in self.methods:  # the plain pass is done
+                    if passes == ["gradient"]:
+                        return {}, cam_grad
+                    g, passes, floor = g.unflatten(0, (2, -1))[1], ["guided"], floor[1:]
             if isinstance(layer, nn.Linear):
                 g = g @ layer.weight
             elif isinstance(layer, (nn.ReLU, nn.Tanh)):
-                g = g * (y > 0) if isinstance(layer, nn.ReLU) else g * (1 - y * y)
-                if guided:
-                    g = g.clamp(min=0)
+                slope = (y > 0).to(y.dtype) if isinstance(layer, nn.ReLU) else 1 - y * y
+                if passes == ["gradient"]:
+                    g = g * slope
+                elif passes == ["guided"]:
+                    g = (g * slope).clamp(min=0)
+                else:
+                    rows = g.unflatten(0, (2, -1))  # (2, N, ...): the slope broadcasts over passes
+                    g = torch.maximum(rows * slope, floor.view(2, *[1] * y.dim())).flatten(0, 1)
             elif isinstance(layer, nn.Conv2d):
-                g = F.conv_transpose2d(
-                    g, layer.weight, None, layer.stride, layer.padding, self.output_padding[i],
-                    groups=1, dilation=layer.dilation,
-                )
+                g = _conv_input_grad(g, layer, self.output_padding[i])
+            elif i in self.tiling_pools:
+                g = _unpool_tiles(g, x, y, _pair(layer.kernel_size), len(passes))
             elif isinstance(layer, nn.MaxPool2d):
                 # Each output's gradient goes to the input pixel it came from (per-plane index).
-                g = torch.zeros_like(x).flatten(2).scatter_add(2, indices[i].flatten(2), g.flatten(2))
-                g = g.view_as(x)
+                index = indices[i].flatten(2).repeat(len(passes), 1, 1)  # (P*N, C, ho*wo)
+                zeros = torch.zeros_like(x).flatten(2).repeat(len(passes), 1, 1)  # (P*N, C, H*W)
+                g = zeros.scatter_add(2, index, g.flatten(2)).reshape(-1, *x.shape[1:])
             elif isinstance(layer, nn.AdaptiveAvgPool2d):
-                g = (g.flatten(2) @ getattr(self, f"pool{i}")).view_as(x)
+                g = (g.flatten(2) @ getattr(self, f"pool{i}")).reshape(-1, *x.shape[1:])
             elif isinstance(layer, nn.BatchNorm2d):
                 scale = torch.rsqrt(layer.running_var + layer.eps)  # eval: y = (x - mean) * scale * w + b
                 if layer.weight is not None:
                     scale = scale * layer.weight
                 g = g * scale.view(1, -1, 1, 1)
             elif isinstance(layer, nn.Flatten):
-                g = g.view_as(x)
+                g = g.reshape(-1, *x.shape[1:])
             # Dropout (eval) and Identity pass g through unchanged.
-        return g, cam_grad
+        grads = g.unflatten(0, (len(passes), -1))
+        return {p: grads[k] for k, p in enumerate(passes)}, cam_grad
+
+
+def _tiles(pool: nn.MaxPool2d, size_in: Sequence[int]) -> bool:
+    """Whether ``pool``'s windows tile its input: kernel == stride, no padding or dilation, and
+    (ceil mode only) no partial window at the border. Floor mode may drop a border strip."""
+    k, s, p, d = (_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+    return (k == s and p == (0, 0) and d == (1, 1)
+            and not (pool.ceil_mode and any(n % kk for n, kk in zip(size_in, k, strict=True))))
+
+
+def _unpool_tiles(
+    g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int], passes: int = 1
+) -> torch.Tensor:
+    """Max-pool backward for windows that tile ``x``: each window's gradient goes to its first
+    maximum (row-major), as autograd does.
+
+    Built from nearest upsampling (ONNX Resize), a plain MaxPool and elementwise ops on full
+    (N, C, H, W) tensors: in ONNX Runtime that is ~15× faster than MaxPool with indices followed
+    by ScatterElements, and than broadcasting over a 6-D window view.
+
+    Args:
+        g: gradient w.r.t. the pool output (passes*N, C, ho, wo), the passes stacked.
+        x: pool input (N, C, H, W); y: pool output (N, C, ho, wo).
+        kernel: (kh, kw) = stride.
+        passes: how many backward passes ``g`` stacks; the mask is computed once for all.
+    """
+    (kh, kw), (ho, wo), (h, w) = kernel, y.shape[-2:], x.shape[-2:]
+    cropped = (h, w) != (ho * kh, wo * kw)
+    if cropped:
+        x = x[..., : ho * kh, : wo * kw]  # floor mode: the border strip gets no gradient
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t, scale_factor=(kh, kw), mode="nearest")
+
+    # Ties are common (flat image regions, saturated tanh): score each hit by its position in
+    # the window, kh*kw for the first down to 1 for the last, and keep the best-scored one.
+    rank = torch.arange(kh * kw, 0, -1, dtype=x.dtype, device=x.device).view(kh, kw).repeat(ho, wo)
+    score = (x == up(y)) * rank
+    first = score == up(F.max_pool2d(score, (kh, kw)))
+    g = up(g) if passes == 1 else up(g).unflatten(0, (passes, -1))  # (passes, N, C, H, W)
+    g = torch.where(first, g, 0).reshape(-1, *first.shape[1:])
+    return F.pad(g, (0, w - wo * kw, 0, h - ho * kh)) if cropped else g
+
+
+def _conv_input_grad(g: torch.Tensor, conv: nn.Conv2d, output_padding: tuple[int, int]) -> torch.Tensor:
+    """Gradient w.r.t. the input of ``conv`` (groups=1) given ``g`` w.r.t. its output.
+
+    A stride-1 conv's transpose is itself a conv: the kernel flipped in space, in/out channels
+    swapped, padding d(k-1) - p. ONNX Runtime runs that Conv on its blocked (NCHWc) kernels,
+    ConvTranspose on a generic one: measured on 2 cores, Conv is 1.3–4× faster for VGG16's
+    64–512 channels, but 2–4× slower where the gradient has few channels (LeNet-5's 1 and 6,
+    VGG16's 3 input channels), which fill no 8-wide block. Hence the channel condition.
+    """
+    pad = [d * (k - 1) - p for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation, strict=True)]
+    if conv.stride == (1, 1) and min(pad) >= 0 and conv.in_channels % 8 == 0:
+        return F.conv2d(g, conv.weight.transpose(0, 1).flip(2, 3), None, 1, pad, conv.dilation)
+    return F.conv_transpose2d(g, conv.weight, None, conv.stride, conv.padding, output_padding, 1, conv.dilation)
+
+
+def fold_adaptive_pool(model: nn.Module, image_size: int) -> nn.Module:
+    """A copy of ``model`` for a fixed ``image_size`` with its adaptive average pool folded into
+    the first Linear, when that makes the Linear smaller; else ``model`` itself.
+
+    VGG pools its 512×h×w features to 7×7 before a 25088×4096 Linear (400 MB in float32). Below
+    224 px, h×w < 7×7 and the pool only replicates pixels, so pool → flatten → Linear equals one
+    Linear on the h×w features with weight ``W·(I ⊗ P)`` (P the pool as a 49×hw matrix): at 64 px
+    8 MB instead of 400 MB, which is most of a batch-1 forward (and of saliency's backward).
+    Exact up to float rounding; the training code keeps the unfolded model.
+    """
+    avgpool, classifier = getattr(model, "avgpool", None), getattr(model, "classifier", None)
+    if not isinstance(avgpool, nn.AdaptiveAvgPool2d) or not isinstance(classifier, nn.Sequential):
+        return model
+    fc = classifier[0]
+    first = next(m for m in model.features if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        probe = torch.zeros(1, first.in_channels, image_size, image_size, dtype=first.weight.dtype,
+                            device=first.weight.device)
+        channels, h, w = model.features.eval()(probe).shape[1:]
+        basis = torch.eye(h * w, dtype=probe.dtype, device=probe.device).view(h * w, 1, h, w)
+        pool = avgpool(basis).flatten(1).T  # (Ho*Wo, h*w)
+        pooled, kept = pool.shape
+        if not isinstance(fc, nn.Linear) or pooled <= kept or fc.in_features != channels * pooled:
+            return model
+        folded = copy.deepcopy(model)
+        weight = fc.weight.view(fc.out_features, channels, pooled) @ pool
+        linear = nn.Linear(channels * h * w, fc.out_features, bias=fc.bias is not None,
+                           dtype=fc.weight.dtype, device=fc.weight.device)
+        linear.weight.copy_(weight.flatten(1))
+        if fc.bias is not None:
+            linear.bias.copy_(fc.bias)
+    folded.avgpool = nn.Identity()
+    folded.classifier[0] = linear
+    return folded.eval().requires_grad_(False)
 
 
 def _conv_output_padding(conv: nn.Conv2d, size_in: Sequence[int], size_out: Sequence[int]) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx
+from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx, fold_adaptive_pool
 from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.evaluate import load_trained, predict_logits
@@ -106,11 +106,12 @@ def export_stage(model_path: Path, data_dir: Path, run_id_path: Path, eval_metri
     example = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
 
     classifier_path, saliency_path = out_dir / "classifier.onnx", out_dir / "saliency.onnx"
+    graph_model = fold_adaptive_pool(model, size)  # the size is fixed from here on
     log.info("exporting %s", classifier_path)
-    export_onnx(ClassifierGraph(model, config["mean"], config["std"]), classifier_path, (example,),
+    export_onnx(ClassifierGraph(graph_model, config["mean"], config["std"]), classifier_path, (example,),
                 ["image"], ["logits", "probabilities"], metadata, opset)
     log.info("exporting %s", saliency_path)
-    export_onnx(SaliencyGraph(model, config["mean"], config["std"], size), saliency_path,
+    export_onnx(SaliencyGraph(graph_model, config["mean"], config["std"], size), saliency_path,
                 (example, torch.tensor([-1, 0])), ["image", "target"],
                 ["logits", "gradient", "guided", "gradcam"], metadata, opset)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx
+from models.saliency import METHODS, ClassifierGraph, SaliencyGraph, export_onnx, fold_adaptive_pool
 
 SALIENCY_OUTPUTS = ["logits", "gradient", "guided", "gradcam"]
 
@@ -147,10 +147,13 @@ def targets_for(kind: str, batch: int, classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", params=list(CASES))
 def saliency_export(request, tmp_path_factory):
-    """(case, float32 model, its float64 copy, session of the exported float32 saliency graph)."""
+    """(case, float32 model, its float64 copy, session of the exported float32 saliency graph).
+
+    The graph is built as the export stage builds it, from the pool-folded model (VGG16 at 32 px
+    folds; the oracles run the unfolded one), so the parity tests cover what ships."""
     case = CASES[request.param]
     model = make_model(case)
-    graph = SaliencyGraph(model, case.mean, case.std, case.size)
+    graph = SaliencyGraph(fold_adaptive_pool(model, case.size), case.mean, case.std, case.size)
     path = tmp_path_factory.mktemp(case.model) / "saliency.onnx"
     export_onnx(graph, path, (images(case, 2, seed=1), torch.tensor([-1, 1])), ["image", "target"],
                 SALIENCY_OUTPUTS, {"model": case.model})
@@ -230,6 +233,41 @@ def test_classifier_onnx_matches_torch(tmp_path: Path) -> None:
         np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(probabilities, ref.softmax(1).numpy(), rtol=0, atol=1e-6)
         assert probabilities.shape == (batch, case.classes)
+
+
+def test_fold_adaptive_pool_is_exact() -> None:
+    # VGG16 at 64 px: 512×2×2 features replicated to 7×7 → a 2048-input Linear instead of 25088.
+    torch.manual_seed(0)
+    model = build_model("vgg16", 10, 3, 64).double().eval()
+    folded = fold_adaptive_pool(model, 64)
+    assert folded is not model and folded.classifier[0].in_features == 512 * 2 * 2
+    assert model.classifier[0].in_features == 512 * 7 * 7  # the trained model is left alone
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    # Nothing to gain: the pool is the identity at 224 px, overlapping bins grow (TinyNet), no pool (LeNet-5).
+    unfoldable = [(build_model("vgg16", 10, 3, 224), 224), (TinyNet(3, 6), 30), (build_model("lenet5", 10, 1, 32), 32)]
+    for net, size in unfoldable:
+        assert fold_adaptive_pool(net, size) is net
+
+
+def test_method_subsets_match_the_full_graph(saliency_export) -> None:
+    # A graph built for some methods computes them exactly as the full graph does (float64: the
+    # stacked plain/guided passes and the early stop must not change a single map).
+    case, _, model64, _ = saliency_export
+    image, target = images(case, 3, seed=7), torch.tensor([-1, 2, 4])
+    with torch.no_grad():
+        full_graph = SaliencyGraph(model64, case.mean, case.std, case.size).double()
+        full = dict(zip(SALIENCY_OUTPUTS, full_graph(image, target), strict=True))
+        for methods in [("gradient",), ("guided",), ("gradcam",), ("guided", "gradcam"), ("gradcam", "gradient")]:
+            graph = SaliencyGraph(model64, case.mean, case.std, case.size, methods).double()
+            outputs = graph(image, target)
+            assert graph.methods == tuple(m for m in METHODS if m in methods)
+            assert len(outputs) == 1 + len(graph.methods)
+            for name, actual in zip(("logits", *graph.methods), outputs, strict=True):
+                torch.testing.assert_close(actual, full[name], rtol=1e-12, atol=1e-12, msg=f"{methods}: {name}")
+    with pytest.raises(ValueError, match="saliency"):
+        SaliencyGraph(model64, case.mean, case.std, case.size, ["saliency"])
 
 
 def test_unsupported_layer_is_refused() -> None:
