@@ -39,8 +39,13 @@ serve-champion: setup
 	python -m serving.store import-export artifacts/champion
 	SERVING_MODEL=champion bentoml serve serving.service:Classifier --port $(PORT)
 
+# The CPU benchmarks; bench/serve.py needs the exported model (`make run` first).
+# bench/gpu_check.py is for a CUDA machine and is run by hand.
 bench: setup
 	python bench/preprocess.py
+	python bench/train.py
+	python bench/inference.py
+	@if [ -d artifacts/export ]; then python bench/serve.py; else echo "bench/serve.py skipped: no artifacts/export, run make run first"; fi
 
 clean:
 	rm -rf artifacts metrics plots mlflow.db
