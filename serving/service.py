@@ -215,6 +215,17 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, strength: float = 0.7) -> b
     return buffer.getvalue()
 
 
+def display_heat(heat: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """``heat`` (H×W in [0, 1]) rescaled for the eye: divided by its ``percentile`` and clipped.
+
+    Gradient maps are spiky: a handful of pixels hold the maximum and, scaled by it, the rest
+    of the map is invisible. Clipping the top 1% (as Captum's ``visualize_image_attr`` does with
+    ``outlier_perc``) shows where the mass is. The JSON answer keeps the unclipped map.
+    """
+    ceiling = float(np.percentile(heat, percentile))
+    return np.clip(heat / ceiling, 0, 1) if ceiling > 0 else heat
+
+
 def reduce_map(maps: np.ndarray) -> tuple[np.ndarray, float]:
     """C×H×W or H×W saliency → H×W in [0, 1] (max |value| over channels), and the divisor used."""
     heat = np.abs(maps).max(axis=0) if maps.ndim == 3 else np.abs(maps)
@@ -364,8 +375,9 @@ class Classifier:
     ) -> Annotated[Path, ContentType("image/png")]:
         """Where the model looks: ``method``'s map for ``target``, over the input as the model saw it.
 
-        ``png``: the preprocessed image with the map as a heat overlay (headers ``X-Target``,
-        ``X-Prediction``); ``json``: the map as numbers (H×W in [0, 1]) and the prediction.
+        ``png``: the preprocessed image with the map as a heat overlay, its top 1% clipped so
+        a few extreme pixels do not hide the rest (headers ``X-Target``, ``X-Prediction``);
+        ``json``: the map as numbers (H×W in [0, 1], divided by its maximum) and the prediction.
         """
         index = self._target_index(target)
         array = await self._load(image, "image")
@@ -384,7 +396,7 @@ class Classifier:
                                map=np.round(heat, 4).tolist())
             return JSONResponse(body.model_dump())
         headers = {"X-Target": explained.label, "X-Prediction": top.label, "X-Method": method}
-        png = await asyncio.to_thread(overlay_png, array, heat)
+        png = await asyncio.to_thread(overlay_png, array, display_heat(heat))
         return Response(png, media_type="image/png", headers=headers)
 
     @bentoml.api(route="/metadata")

@@ -249,6 +249,17 @@ def test_colormap_and_overlay() -> None:
     assert cold.shape == (4, 4, 3) and (cold == 100).all()  # no heat: the image itself
 
 
+def test_display_heat_clips_the_top_percent() -> None:
+    # One extreme pixel and a 10% region at a twentieth of it: scaled by the maximum the region
+    # is nearly invisible, clipped at the 99th percentile it is at full heat.
+    heat = np.zeros((20, 20), dtype=np.float32)
+    heat[:2, :] = 0.05
+    heat[10, 10] = 1.0
+    shown = service.display_heat(heat)
+    assert shown[:2].min() == 1 and shown[10, 10] == 1 and shown[5:].sum() == 1  # the rest stays cold
+    assert (service.display_heat(np.zeros((4, 4))) == 0).all()  # an all-zero map stays zero
+
+
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVING_MAX_BYTES", "1234")
     monkeypatch.setenv("SERVING_BATCHING", "0")
