@@ -356,7 +356,9 @@ def fold_adaptive_pool(model: nn.Module, image_size: int) -> nn.Module:
     with torch.no_grad():
         probe = torch.zeros(1, first.in_channels, image_size, image_size, dtype=first.weight.dtype,
                             device=first.weight.device)
+        training = model.features.training  # eval for the probe (BatchNorm), then as it was
         channels, h, w = model.features.eval()(probe).shape[1:]
+        model.features.train(training)
         basis = torch.eye(h * w, dtype=probe.dtype, device=probe.device).view(h * w, 1, h, w)
         pool = avgpool(basis).flatten(1).T  # (Ho*Wo, h*w)
         pooled, kept = pool.shape

@@ -213,15 +213,20 @@ def test_predicted_target_is_the_argmax(saliency_export) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_classifier_onnx_matches_torch(tmp_path: Path) -> None:
-    case = CASES["lenet5"]
-    model = make_model(case)
-    graph = ClassifierGraph(model, case.mean, case.std)
+@pytest.mark.parametrize("name", ["lenet5", "vgg16"])
+def test_classifier_onnx_matches_torch(tmp_path: Path, name: str) -> None:
+    # Built as the export stage builds it (VGG16 at 32 px: pool folded into fc1), compared with
+    # the model as trained.
+    case = CASES[name]
+    model = make_model(case).eval()
+    graph = ClassifierGraph(fold_adaptive_pool(model, case.size), case.mean, case.std)
     path = tmp_path / "classifier.onnx"
     metadata = {"classes": '["a", "b"]', "image_size": str(case.size)}
     export_onnx(graph, path, (images(case, 2, seed=0),), ["image"], ["logits", "probabilities"], metadata)
 
     assert {p.key: p.value for p in onnx.load(path).metadata_props} == metadata
+    if name == "vgg16":  # fc1 folded: 512 inputs instead of 25,088, so ~120 MB of weights, not ~540 MB
+        assert path.stat().st_size < 200e6
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 5):  # one export, two batch sizes: the batch axis is dynamic
         image = images(case, batch, seed=batch)
@@ -242,6 +247,11 @@ def test_fold_adaptive_pool_is_exact() -> None:
     folded = fold_adaptive_pool(model, 64)
     assert folded is not model and folded.classifier[0].in_features == 512 * 2 * 2
     assert model.classifier[0].in_features == 512 * 7 * 7  # the trained model is left alone
+    bn_model = build_model("vgg16_bn", 10, 3, 64).train()
+    running_mean = bn_model.features[1].running_mean.clone()
+    fold_adaptive_pool(bn_model, 64)
+    assert bn_model.training and bn_model.features.training  # its mode too
+    assert torch.equal(bn_model.features[1].running_mean, running_mean)  # and its statistics
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
