@@ -214,3 +214,15 @@ def test_augment_keeps_shape_and_changes_pixels():
     out = train_stage.augment(x, torch.Generator().manual_seed(0), pad=2)
     assert out.shape == x.shape
     assert not torch.equal(out, x)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_the_training_path_on_the_cpu():
+    # bench/gpu_check.py only gives figures on a GPU, which most sessions lack: a CPU smoke run
+    # keeps it in step with pipeline.train's loop (it fails on any signature or API drift).
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--size", "32",
+                           "--steps", "1", "--batch-size", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[0].strip() for line in done.stdout.splitlines()[2:]]
+    assert rows == ["fp32", "bf16"], done.stdout
