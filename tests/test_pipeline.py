@@ -35,7 +35,12 @@ def repo(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_repro_writes_every_output_and_is_up_to_date(repo: Path):
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
-    assert {"top1", "top5", "loss", "per_class"} <= set(metrics)
+    assert set(metrics) == {"top1", "top5", "top5_k", "loss", "samples"}  # per class: plots/, below
+    per_class = json.loads((repo / "plots" / "eval" / "per_class.json").read_text())
+    classes = json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())["classes"]
+    assert [row["class"] for row in per_class] == classes
+    assert all({"precision", "recall", "support"} <= set(row) for row in per_class)
+    assert sum(row["support"] for row in per_class) == metrics["samples"]
     assert metrics["top5_k"] == 3  # only 3 classes: top-5 is top-3, and says so
     assert metrics["top1"] > 0.9  # the tinted classes are easy
     train = json.loads((repo / "metrics" / "train.json").read_text())
