@@ -11,8 +11,10 @@ Linear             ``g @ W``
 ReLU / Tanh        ``g * (y > 0)`` / ``g * (1 - y²)``; guided: then ``clamp(min=0)``
 Conv2d             ``conv_transpose2d`` with the same weight, stride, padding, dilation and
                    the ``output_padding`` that restores the input size
-MaxPool2d          forward with ``return_indices=True``, backward ``scatter_add`` into zeros
-                   (accumulates where windows overlap, like autograd)
+MaxPool2d          windows that tile the input (kernel == stride, VGG16, LeNet-5): the gradient
+                   goes to each window's first maximum, found with nearest upsampling and a
+                   plain MaxPool; other windows: forward with ``return_indices=True``, backward
+                   ``scatter_add`` into zeros (accumulates where windows overlap, like autograd)
 AdaptiveAvgPool2d  a constant matrix P (fixed feature size): forward ``x @ Pᵀ``, backward ``g @ P``
 BatchNorm2d        ``g * weight / sqrt(running_var + eps)`` (eval statistics)
 Dropout, Identity  identity; Flatten → reshape
@@ -104,7 +106,8 @@ class ClassifierGraph(nn.Module):
 class SaliencyGraph(nn.Module):
     """``saliency.onnx``: (uint8 image, int64 target) → (logits, gradient, guided, gradcam).
 
-    Puts ``model`` in eval mode and freezes its parameters.
+    Puts ``model`` in eval mode and freezes its parameters. With ``methods`` a subset, the
+    graph computes and returns only those maps after the logits, in :data:`METHODS` order.
 
     Args:
         model: a network with ``features`` and ``classifier`` (``nn.Sequential``) and an optional
@@ -113,6 +116,7 @@ class SaliencyGraph(nn.Module):
         std: per-channel standard deviation, 0–1 scale.
         image_size: the square input side the graph is built for; fixes every feature-map size
             (conv output paddings, the adaptive-pool matrix).
+        methods: the maps to compute, a non-empty subset of :data:`METHODS` (default all).
     """
 
     def __init__(
