@@ -23,8 +23,6 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from pipeline import images  # noqa: E402
+from serving.local import LocalServer  # noqa: E402
 
 
 def load_images(folder: Path | None, count: int) -> list[bytes]:
@@ -82,51 +81,6 @@ def ceiling(model_dir: Path, blobs: list[bytes], count: int, batch: int) -> dict
     done = (count + batch - 1) // batch * batch
     return {"rps": done / elapsed, "p50": float(np.percentile(latencies, 50)),
             "p99": float(np.percentile(latencies, 99)), "errors": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """``bentoml serve`` in a subprocess, ready when /readyz answers 200."""
-
-    def __init__(self, model_dir: Path, home: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(home / f"server-{self.port}.log", "w")
-        full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-                    "SERVING_MODEL": str(model_dir.resolve()), **env}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier", "--port", str(self.port)],
-            cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server not ready after {timeout} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 BOUNDARY = "bench-serve-boundary-7f3a9c"
@@ -200,7 +154,7 @@ def batch_sizes(url: str) -> float:
 
 def serve_and_load(model_dir: Path, home: Path, blobs: list[bytes], args: argparse.Namespace,
                    env: dict[str, str]) -> dict:
-    server = Server(model_dir, home, env)
+    server = LocalServer(home, SERVING_MODEL=str(model_dir.resolve()), **env)
     try:
         server.wait_ready()
         load(server.url, blobs, min(200, args.requests), args.clients)  # warm-up, and the batcher's training

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import yaml
 from PIL import Image
 
 from pipeline import images
+from serving.local import LocalServer
 
 pytestmark = pytest.mark.slow
 
@@ -34,55 +32,9 @@ CLASSES = ["cat", "dog", "owl"]  # ... and classes (conftest.SERVING_CLASSES)
 MAX_BYTES = 1_000_000  # the server's SERVING_MAX_BYTES, small to keep the upload short
 
 
-class BentoServer:
-    """``bentoml serve`` on a free port; ready once /readyz answers 200."""
-
-    def __init__(self, home: Path, **env: str) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = home / f"server-{self.port}.log"
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **env}
-        if not env.get("SERVING_MODEL"):
-            env.pop("SERVING_MODEL", None)  # unset: the service's default, cnn-classifier:latest
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "serving.service:Classifier", "--port", str(self.port)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"server exited early:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        pytest.fail(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def stop(self) -> int:
-        """SIGTERM, then wait; the exit status (killed after 30 s)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-5000:]
-
-
 @pytest.fixture(scope="module")
-def server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
-    running = BentoServer(tmp_path_factory.mktemp("bentoml_home"), SERVING_MODEL=str(exported_model),
+def server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    running = LocalServer(tmp_path_factory.mktemp("bentoml_home"), SERVING_MODEL=str(exported_model),
                           SERVING_MAX_BYTES=str(MAX_BYTES))
     running.wait_ready()
     yield running
@@ -90,7 +42,7 @@ def server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture(scope="module")
-def http(server: BentoServer) -> Iterator[httpx.Client]:
+def http(server: LocalServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as client:
         yield client
 
@@ -166,7 +118,7 @@ def test_metadata(http: httpx.Client, exported_model: Path) -> None:
     assert http.post("/metadata").json() == body  # the same as a BentoML API, for BentoML clients
 
 
-def test_bentoml_client(server: BentoServer, exported_model: Path, tmp_path: Path) -> None:
+def test_bentoml_client(server: LocalServer, exported_model: Path, tmp_path: Path) -> None:
     import bentoml
 
     photo = tmp_path / "photo.png"
@@ -262,7 +214,7 @@ def store_home(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_serve_from_the_model_store(store_home: Path) -> None:
-    server = BentoServer(store_home, SERVING_MODEL="")  # unset: the default, cnn-classifier:latest
+    server = LocalServer(store_home, SERVING_MODEL="")  # unset: the default, cnn-classifier:latest
     server.wait_ready()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http:
