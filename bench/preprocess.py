@@ -159,7 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest, stage_s, stage_cpu = best_of(args.repeat, run_stage, CACHE, Path(tmp) / "out", args.size)
         arrays = {s: np.load(Path(tmp) / "out" / f"{s}_images.npy") for s in SPLITS}
-        ours = {row["path"]: arrays[row["split"]][row["index"]] for row in manifest["files"]}
+        ours = {row.path: arrays[row.split][row.index] for row in manifest.files}
     from torchvision import transforms  # imported outside the timing: it takes seconds
 
     transform = transforms.Compose([transforms.Resize(args.size), transforms.CenterCrop(args.size)])

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from models import build_model  # noqa: E402
 from pipeline.config import PreprocessParams  # noqa: E402
 from pipeline.datasets import write_digits  # noqa: E402
+from pipeline.loader import batches, to_input  # noqa: E402
 from pipeline.preprocess import preprocess_folder  # noqa: E402
-from pipeline.train import batches, to_input  # noqa: E402
 
 
 def image_folder() -> Path:

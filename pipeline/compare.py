@@ -13,18 +13,17 @@ table lines up with ``dvc exp show``. The store is the one ``tracking.tracking_u
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.config import PARAMS_FILE, load_params
+from pipeline.contract import ModelCard
+from pipeline.errors import UserError, run_command
 
 log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -36,7 +35,7 @@ METRIC_COLUMNS = (("test top-1", ("test_top1",), "{:.4f}"), ("test top-5", ("tes
 CURVES = (("val_top1", "val top-1"), ("val_loss", "val loss"))
 
 
-class CompareError(RuntimeError):
+class CompareError(UserError):
     """A bad argument or a missing run, version or store; the message says which."""
 
 
@@ -272,54 +271,23 @@ def _fmt(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.4f}"
 
 
-def export_champion(client, model_name: str, out: Path, alias: str = "champion") -> dict:
-    """Download the ``alias`` version's ``classifier.onnx`` and ``saliency.onnx`` into ``out``.
-
-    The layout is the export stage's (``classifier.onnx``, ``saliency.onnx``, ``export.json``),
-    so ``python -m serving.store import-export <out>`` takes it as it takes ``artifacts/export``.
-    """
-    import mlflow
-    from mlflow.models import Model
-
+def export_champion(client, model_name: str, out: Path, alias: str = "champion") -> ModelCard:
+    """Write the ``alias`` version (both ONNX files and the card) into ``out``, laid out like
+    ``artifacts/export`` so ``python -m serving.store import-export <out>`` takes it the same way."""
     model_version = alias_version(client, model_name, alias)
     if model_version is None:
         raise CompareError(f"model {model_name!r} has no {alias!r} version; promote one first "
                            "(python -m pipeline.compare promote --run NAME)")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        model_dir = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_name}/{model_version.version}", dst_path=str(Path(tmp) / "model")))
-        onnx_file = model_dir / Model.load(model_dir / "MLmodel").flavors["onnx"]["data"]
-        saliency = Path(mlflow.artifacts.download_artifacts(
-            run_id=model_version.run_id, artifact_path="export/saliency.onnx", dst_path=tmp))
-        for source, name in ((onnx_file, "classifier.onnx"), (saliency, "saliency.onnx")):
-            _check_run_id(source, model_version.run_id)
-            os.replace(source, out / name)
-    metrics = {k.removeprefix("test_"): float(v) for k, v in (model_version.tags or {}).items()
-               if k in ("test_top1", "test_top5")}
-    summary = {"registered_model": model_name, "version": str(model_version.version), "alias": alias,
-               "mlflow_run_id": model_version.run_id, "metrics": metrics}
-    (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _check_run_id(path: Path, run_id: str) -> None:
-    """The ONNX metadata must name the run the registry says the file came from."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if props.get("mlflow_run_id", run_id) != run_id:
-        raise CompareError(f"{path.name}: made by run {props['mlflow_run_id']}, but the registry says {run_id}")
+    return registry.download(model_name, str(model_version.version), out)
 
 
 # --------------------------------------------------------------------------- CLI
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Compare the MLflow runs of the experiment.",
-        epilog="Other commands: 'promote' (set the champion alias), 'export-champion' (download it "
-               "for serving); add -h after one for its flags.")
-    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: mlflow.experiment in params)")
+        description="Compare the MLflow runs of the experiment (no command), promote a model version, "
+                    "or download the champion for serving.")
     parser.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the defaults")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: mlflow.experiment in params)")
     parser.add_argument("--sort", default="test_top1", help="metric to sort by, or start_time (default test_top1)")
     parser.add_argument("--asc", action="store_true", help="sort ascending (default descending)")
     parser.add_argument("--runs", nargs="+", default=(), metavar="RUN", help="only these run names or ids")
@@ -328,12 +296,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--md", action="store_true", help="print a Markdown table (for a CI comment)")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
                         help="write a PNG of val top-1 and val loss per epoch of the listed runs")
+    parser.set_defaults(command=compare_cli)
+    commands = parser.add_subparsers(title="commands", metavar="{promote,export-champion}")
+
+    def registry_command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--model-name", default=None,
+                         help="registered model (default: export.registered_model in params)")
+        sub.add_argument("--alias", default="champion", help="registry alias (default champion)")
+        sub.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the defaults")
+        return sub
+
+    promote_parser = registry_command("promote", "Point the champion alias at a model version, unless it "
+                                                 "tests worse than the current one.")
+    which = promote_parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, help="model version number")
+    which.add_argument("--run", help="run id or run name (= DVC experiment name); its newest version")
+    promote_parser.add_argument("--experiment", default=None,
+                                help="experiment to look run names up in (default: params)")
+    promote_parser.add_argument("--force", action="store_true",
+                                help="promote even if test top-1 is below the champion's")
+    promote_parser.set_defaults(command=promote_cli)
+    champion_parser = registry_command("export-champion", "Download the champion (classifier.onnx, "
+                                                          "saliency.onnx, model_card.json) for serving.")
+    champion_parser.add_argument("--out", type=Path, required=True, help="directory to write (replaced)")
+    champion_parser.set_defaults(command=export_champion_cli)
     return parser
 
 
-def compare_main(argv: Sequence[str] | None = None) -> int:
+def compare_cli(args: argparse.Namespace) -> int:
     """The table (and plot) of the experiment's runs."""
-    args = get_args_parser().parse_args(argv)
     experiment = args.experiment or load_params(args.params).mlflow.experiment
     client = open_client()
     runs = select_runs(fetch_runs(client, experiment, include_all=args.all), args.runs, args.last)
@@ -351,24 +343,8 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _registry_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model-name", default=None,
-                        help="registered model (default: export.registered_model in params)")
-    parser.add_argument("--alias", default="champion", help="registry alias (default champion)")
-    parser.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the defaults")
-    return parser
-
-
-def promote_cli(argv: Sequence[str] | None = None) -> int:
+def promote_cli(args: argparse.Namespace) -> int:
     """``promote``: move the champion alias; exit 1 when refused."""
-    parser = _registry_parser("Point the champion alias at a model version, unless it tests worse.")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--version", type=int, help="model version number")
-    which.add_argument("--run", help="run id or run name (= DVC experiment name); its newest version")
-    parser.add_argument("--experiment", default=None, help="experiment to look run names up in (default: params)")
-    parser.add_argument("--force", action="store_true", help="promote even if test top-1 is below the champion's")
-    args = parser.parse_args(argv)
     params = load_params(args.params)
     model_name = args.model_name or params.export.registered_model
     client = open_client()
@@ -379,45 +355,34 @@ def promote_cli(argv: Sequence[str] | None = None) -> int:
     return 0 if done else 1
 
 
-def export_champion_cli(argv: Sequence[str] | None = None) -> int:
-    """``export-champion``: the champion's ONNX files, laid out like ``artifacts/export``."""
-    parser = _registry_parser("Download the champion's classifier.onnx and saliency.onnx for serving.")
-    parser.add_argument("--out", type=Path, required=True, help="directory to write (created if missing)")
-    args = parser.parse_args(argv)
+def export_champion_cli(args: argparse.Namespace) -> int:
+    """``export-champion``: the champion's deployable, laid out like ``artifacts/export``."""
     model_name = args.model_name or load_params(args.params).export.registered_model
-    summary = export_champion(open_client(), model_name, args.out, args.alias)
-    print(f"{model_name} version {summary['version']} ({args.alias}, run {summary['mlflow_run_id']}) "
-          f"-> {args.out}")
+    card = export_champion(open_client(), model_name, args.out, args.alias)
+    print(f"{model_name} version {card.version} ({args.alias}, run {card.mlflow_run_id}) -> {args.out}")
     return 0
-
-
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"promote": promote_cli, "export-champion": export_champion_cli}
-
-
-def _guard(command: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.config import ParamsError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return command(argv)
-    except (CompareError, ParamsError, MlflowException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline.compare [promote|export-champion] ...`` (console script ``cnn-compare``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        return _guard(COMMANDS[argv[0]], argv[1:])
-    return _guard(compare_main, argv)
+    from mlflow.exceptions import MlflowException
+
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    status = {}
+
+    def body() -> None:
+        try:
+            status["code"] = args.command(args)
+        except MlflowException as err:  # the store refused: its message says why
+            raise CompareError(f"MLflow: {err.message}") from None
+
+    return run_command(body) or status.get("code", 0)
 
 
 def promote_main(argv: Sequence[str] | None = None) -> int:
     """Console script ``cnn-promote``: same as ``python -m pipeline.compare promote``."""
-    return _guard(promote_cli, list(sys.argv[1:] if argv is None else argv))
+    return main(["promote", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

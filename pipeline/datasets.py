@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import logging
-import shutil
 import struct
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import UserError, run_command
+from pipeline.files import replace_dir
+
 log = logging.getLogger(__name__)
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/ "THE IDX FILE FORMAT"); big-endian.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder or input file cannot be used; the message says which and why."""
 
 
@@ -61,16 +62,8 @@ def _replace_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``out`` only when the block succeeds."""
     if out.exists() and any(out.iterdir()) and not force:
         raise DatasetError(f"{out}: folder is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
-    try:
+    with replace_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -180,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def body() -> None:
         if args.command == "digits":
             count = write_digits(args.out, force=args.force)
         else:
@@ -190,11 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text = source.read_text() if source.is_file() else args.classes.replace(",", "\n")
                 names = [line.strip() for line in text.splitlines() if line.strip()]
             count = import_idx(args.images, args.labels, args.out, names, force=args.force)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    log.info("wrote %d images to %s/", count, args.out)
-    return 0
+        log.info("wrote %d images to %s/", count, args.out)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -17,34 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import build_model
 from models.saliency import SaliencyGraph
 from pipeline import tracking
 from pipeline.config import load_params
-from pipeline.train import Context, batches, load_split, to_input, write_json
+from pipeline.contract import ModelCard
+from pipeline.engine import predict_logits
+from pipeline.errors import UserError, run_command, setup_logging
+from pipeline.files import write_json
+from pipeline.loader import load_split
+from pipeline.trained import load_trained
 
 log = logging.getLogger(__name__)
-
-
-def load_trained(path: Path) -> tuple[torch.nn.Module, dict]:
-    """The best weights saved by ``train`` and their config (classes, size, mean/std)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no trained model; run the train stage first (dvc repro train)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    config = saved["config"]
-    model = build_model(config["model"], len(config["classes"]), config["channels"], config["image_size"])
-    model.load_state_dict(saved["model"])
-    return model.eval(), config
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: np.ndarray, config: dict, batch_size: int = 256) -> np.ndarray:
-    """Float32 logits N×K for uint8 images, normalised with the training mean/std."""
-    ctx = Context(torch.device("cpu"), torch.tensor(config["mean"]).view(1, -1, 1, 1),
-                  torch.tensor(config["std"]).view(1, -1, 1, 1))
-    out = [model(to_input(x, ctx.mean, ctx.std, ctx.device, False)).float().numpy()
-           for x, _ in batches(images, np.zeros(len(images), dtype=np.int64), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
@@ -131,14 +114,14 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, logits: np.ndarray, cl
     return len(wrong)
 
 
-def plot_saliency(model: torch.nn.Module, config: dict, images: np.ndarray, labels: np.ndarray,
+def plot_saliency(model: torch.nn.Module, card: ModelCard, images: np.ndarray, labels: np.ndarray,
                   path: Path, per_class: int = 2) -> None:
     """Image, guided backpropagation and Grad-CAM overlay for a few test images of each class."""
-    classes = config["classes"]
+    classes = card.classes
     picks = [i for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:per_class]]
     if not picks:
         return
-    graph = SaliencyGraph(model, config["mean"], config["std"], config["image_size"])
+    graph = SaliencyGraph(model, card.mean, card.std, card.image_size)
     with torch.no_grad():
         logits, _, guided, gradcam = graph(torch.from_numpy(np.ascontiguousarray(images[picks])),
                                            torch.full((len(picks),), -1, dtype=torch.int64))
@@ -167,12 +150,12 @@ def evaluate_stage(data_dir: Path, model_path: Path, run_id_path: Path, metrics_
     """The whole stage; returns the metrics written to ``metrics_path``."""
     import mlflow
 
-    model, config = load_trained(model_path)
-    classes = config["classes"]
+    model, card = load_trained(model_path)
+    classes = card.classes
     images, labels = load_split(data_dir, "test")
     if len(labels) == 0:
-        raise ValueError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
-    logits = predict_logits(model, images, config, batch_size)
+        raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
+    logits = predict_logits(model, images, card.mean, card.std, batch_size)
     result = classification_metrics(logits, labels, classes)
     k = result["top5_k"]
     if k < 5:
@@ -183,16 +166,16 @@ def evaluate_stage(data_dir: Path, model_path: Path, run_id_path: Path, metrics_
     # Per-class rows go to plots/ and MLflow, not metrics/: `dvc exp show` gets a column per
     # metric, which with 3 per class buries top-1/top-5 (3,000 columns for ImageNet).
     summary = {key: round(result[key], 6) for key in ("top1", "top5", "top5_k", "loss", "samples")}
-    write_json(summary, metrics_path)
+    write_json(metrics_path, summary)
     predicted = logits.argmax(1)
-    write_json([{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels, predicted, strict=True)],
-               plots_dir / "confusion.json")
-    write_json([{"class": name, **row} for name, row in result["per_class"].items()], plots_dir / "per_class.json")
+    write_json(plots_dir / "confusion.json",
+               [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels, predicted, strict=True)])
+    write_json(plots_dir / "per_class.json", [{"class": name, **row} for name, row in result["per_class"].items()])
 
     figures_dir.mkdir(parents=True, exist_ok=True)
     plot_confusion(np.asarray(result["confusion"]), classes, figures_dir / "confusion_matrix.png")
     plot_mistakes(images, labels, logits, classes, figures_dir / "confident_mistakes.png")
-    plot_saliency(model, config, images, labels, figures_dir / "saliency.png", saliency_per_class)
+    plot_saliency(model, card, images, labels, figures_dir / "saliency.png", saliency_per_class)
 
     with tracking.run(experiment, run_id=tracking.read_run_id(run_id_path)):
         tracking.with_retry(lambda: mlflow.log_metrics({f"test_{key}": float(summary[key])
@@ -212,15 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--figures", default="artifacts/eval", type=Path, help="PNG figures")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
-    try:
+    setup_logging()
+
+    def body() -> None:
+        params = load_params(args.params)
         evaluate_stage(args.data, args.model, args.run_id, args.metrics, args.plots, args.figures,
                        params.mlflow.experiment, params.evaluate.batch_size, params.evaluate.saliency_per_class)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +25,15 @@ from tqdm import tqdm
 
 from pipeline import images
 from pipeline.config import PreprocessParams, load_params
-from pipeline.datasets import DatasetError, scan_image_folder
+from pipeline.contract import SPLITS, FileRow, Manifest, SkippedFile
+from pipeline.datasets import scan_image_folder
+from pipeline.errors import UserError, run_command, setup_logging
+from pipeline.files import replace_dir
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """The dataset cannot be preprocessed as configured; the message says what to change."""
 
 
@@ -143,7 +143,7 @@ def _check_coverage(classes: list[str], counts: dict[str, list[int]], params: Pr
                 )
 
 
-def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: PreprocessParams, seed: int) -> dict:
+def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: PreprocessParams, seed: int) -> Manifest:
     """Run the stage: scan, hash, split, decode, write arrays and manifest atomically.
 
     Args:
@@ -155,10 +155,7 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
         The manifest (also written as ``out_dir/manifest.json``).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    try:
-        classes, files = scan_image_folder(data_dir)
-    except DatasetError as err:
-        raise PreprocessError(str(err)) from None
+    classes, files = scan_image_folder(data_dir)
     if len(classes) < 2:
         raise PreprocessError(f"{data_dir}: found {len(classes)} class folder(s); a classifier needs at least 2")
     workers = params.workers or os.cpu_count() or 1
@@ -174,10 +171,7 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
         channels = _resolve_channels(params.channels, sources)
         usable = [s for s in sources if not s.error]
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
-        try:
+        with replace_dir(out_dir) as tmp:
             item_shape = (channels, params.size, params.size)
             writers = {
                 split: NpyWriter(tmp / f"{split}_images.npy", item_shape, sum(s.split == split for s in usable))
@@ -197,9 +191,9 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
                         raise PreprocessError(f"{result} (set preprocess.on_error: skip to skip such files)")
                     source.error = result
                     continue
-                rows.append({"path": source.path.relative_to(data_dir).as_posix(), "sha256": source.digest,
-                             "class": classes[source.label], "split": source.split,
-                             "index": writers[source.split].count})
+                rows.append(FileRow(path=source.path.relative_to(data_dir).as_posix(), sha256=source.digest,
+                                class_name=classes[source.label], split=source.split,
+                                index=writers[source.split].count))
                 writers[source.split].append(result)
                 labels[source.split].append(source.label)
                 counts[source.split][source.label] += 1
@@ -209,10 +203,10 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
                     pixel_sq += (pixels**2).mean(axis=1)
             for writer in writers.values():
                 writer.close()
-            skipped = [{"path": s.path.relative_to(data_dir).as_posix(), "reason": s.error}
+            skipped = [SkippedFile(path=s.path.relative_to(data_dir).as_posix(), reason=s.error)
                        for s in sources if s.error]
             for entry in skipped:
-                log.warning("skipped %s", entry["reason"])
+                log.warning("skipped %s", entry.reason)
             _check_coverage(classes, counts, params)
 
             n_train = len(labels["train"])
@@ -220,26 +214,15 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
             std = np.sqrt(np.maximum(pixel_sq / n_train - mean**2, 1e-12))
             for split in SPLITS:
                 np.save(tmp / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
-            manifest = {
-                "classes": classes,
-                "channels": channels,
-                "size": params.size,
-                "mean": [round(float(m), 6) for m in mean],
-                "std": [round(float(s), 6) for s in std],
-                "counts": {split: len(labels[split]) for split in SPLITS},
-                "class_counts": counts,
-                "seed": seed,
-                "files": rows,
-                "skipped": skipped,
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            manifest = Manifest(
+                classes=classes, channels=channels, image_size=params.size,
+                mean=[round(float(m), 6) for m in mean], std=[round(float(s), 6) for s in std],
+                counts={split: len(labels[split]) for split in SPLITS}, class_counts=counts, seed=seed,
+                files=rows, skipped=skipped,
+            )
+            (tmp / "manifest.json").write_text(manifest.to_json())
     log.info("preprocessed %s: %s, %d channel(s), %d px, %d skipped", data_dir,
-             manifest["counts"], channels, params.size, len(skipped))
+             manifest.counts, channels, params.size, len(skipped))
     return manifest
 
 
@@ -249,14 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="artifacts/preprocessed", help="output folder")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
-    try:
+    setup_logging()
+
+    def body() -> None:
+        params = load_params(args.params)
         preprocess_folder(args.data, args.out, params.preprocess, params.base.seed)
-    except PreprocessError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,11 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 SQLITE_TIMEOUT_S = 30  # how long a SQLite writer waits for the lock before "database is locked"
+SQLITE_BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
 
 
 def store_root() -> Path:
@@ -59,35 +63,44 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Serialise first-time setup of a SQLite store between processes.
+def _store_lock(uri: str):
+    """Serialise first-time setup of a SQLite store between processes (a no-op lock otherwise).
 
     MLflow's tracking store creates its schema without a lock, so two experiments that start
     at once on a fresh ``mlflow.db`` can both try to create the tables.
     """
-    path = sqlite_path(uri)
-    if path is None or os.name == "nt":
-        yield
-        return
-    import fcntl
+    from filelock import FileLock
 
+    path = sqlite_path(uri)
+    if path is None:
+        return contextlib.nullcontext()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:  # beside the store, gone with it
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(path.with_name(path.name + ".lock"))  # beside the store, gone with it
+
+
+def _sqlite_busy(err: BaseException) -> bool:
+    """True when ``err`` wraps SQLite's "database is locked"/"busy" (MLflow wraps the driver's error
+    in SQLAlchemy's, then in its own)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, sqlite3.OperationalError) and getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY_CODES:
+            return True
+        err = getattr(err, "orig", None) or err.__cause__ or err.__context__
+    return False
 
 
 def with_retry(fn: Callable[[], T], attempts: int = 8) -> T:
-    """Call ``fn``, retrying when SQLite reports a lock (parallel ``dvc exp`` jobs share one store)."""
+    """Call ``fn``, retrying while SQLite is busy (parallel ``dvc exp`` jobs share one store).
+
+    SQLite's busy timeout covers most waits, but a transaction that started reading cannot wait
+    for the write lock: SQLite fails it at once, and the only remedy is to run it again.
+    """
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as err:  # MLflow wraps sqlite3.OperationalError in several exception types
-            if "locked" not in str(err).lower() or attempt == attempts - 1:
+        except Exception as err:
+            if not _sqlite_busy(err) or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
@@ -100,6 +113,7 @@ def setup(experiment: str) -> str:
     happen under a file lock.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -113,7 +127,9 @@ def setup(experiment: str) -> str:
             artifacts = (sqlite_path(uri).resolve().parent / "mlruns").as_uri()
         try:
             return with_retry(lambda: mlflow.create_experiment(experiment, artifact_location=artifacts))
-        except Exception:  # created by a parallel run against a non-SQLite store in the meantime
+        except MlflowException as err:  # created by a parallel run against a server in the meantime
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
             return mlflow.get_experiment_by_name(experiment).experiment_id
 
 
@@ -191,7 +207,7 @@ def run(experiment: str, run_id: str | None = None, name: str | None = None) -> 
 def read_run_id(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no MLflow run id; run the train stage first (dvc repro train)")
+        raise UserError(f"{path}: no MLflow run id; run the train stage first (dvc repro train)")
     return path.read_text().strip()
 
 

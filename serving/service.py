@@ -47,6 +47,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.contract import ModelCard
 from pipeline.images import ImageError, open_image, preprocess
 from serving import store
 
@@ -156,6 +157,7 @@ class Metadata(BaseModel):
     git_commit: str
     data_md5: str
     metrics: dict[str, float]
+    files: dict[str, str]  # sha256 of classifier.onnx and saliency.onnx, as the model card records them
     source: str
     provider: str
     settings: dict[str, int | bool]
@@ -308,17 +310,14 @@ class Classifier:
         self.saliency_session = onnx_session(model_dir / "saliency.onnx", SETTINGS.threads)
         provider = self.session.get_providers()[0]
         log.info("model %s on %s", model_dir, provider)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        summary_path = model_dir / store.SUMMARY_FILE
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        self.classes: list[str] = json.loads(meta["classes"])
-        self.size, self.channels = int(meta["image_size"]), int(meta["channels"])
+        card = ModelCard.read(model_dir)  # resolve_model_dir checked the files against it
+        self.classes: list[str] = card.classes
+        self.size, self.channels = card.image_size, card.channels
         self.info = Metadata(
-            model=summary.get("registered_model") or meta.get("model", ""), version=str(summary.get("version", "")),
-            architecture=meta.get("model", ""), classes=self.classes, image_size=self.size, channels=self.channels,
-            mean=json.loads(meta.get("mean", "[]")), std=json.loads(meta.get("std", "[]")),
-            mlflow_run_id=meta.get("mlflow_run_id", ""), git_commit=meta.get("git_commit", ""),
-            data_md5=meta.get("data_md5", ""), metrics=json.loads(meta.get("metrics") or "{}"),
+            model=card.registered_model or card.architecture, version=card.version,
+            architecture=card.architecture, classes=self.classes, image_size=self.size, channels=self.channels,
+            mean=card.mean, std=card.std, mlflow_run_id=card.mlflow_run_id, git_commit=card.git_commit,
+            data_md5=card.data_md5, metrics=card.metrics, files=card.files,
             source=f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else str(model_dir),
             provider=provider, settings=asdict(SETTINGS),
         )

@@ -2,29 +2,30 @@
 
     python -m serving.store import-export artifacts/export [--tag-version V]
 
-``import-export`` copies ``classifier.onnx``, ``saliency.onnx`` and ``export.json`` (the output
-of ``python -m pipeline.export``) into a new ``cnn-classifier`` model in the store
-(``$BENTOML_HOME``, default ``~/bentoml``), labelled with what the pipeline knows about it,
-and prints the tag. ``bentoml build`` packs that model into the Bento.
+``import-export`` copies a deployable folder (``classifier.onnx``, ``saliency.onnx`` and
+``model_card.json``: the output of ``python -m pipeline.export`` or of ``python -m
+pipeline.compare export-champion``) into a ``cnn-classifier`` model in the store
+(``$BENTOML_HOME``, default ``~/bentoml``), labelled from its model card, and prints the tag.
+Importing the same deployable again reuses the stored one. ``bentoml build`` packs it.
 
-At serve time :func:`resolve_model_dir` turns ``SERVING_MODEL`` into a folder holding the two
-ONNX files. This module imports bentoml (and onnxruntime, lazily) only: the service uses it.
+At serve time :func:`resolve_model_dir` turns ``SERVING_MODEL`` into a deployable folder whose
+files match its card. This module imports bentoml and the contract only: the service uses it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, SALIENCY_FILE, ContractError, ModelCard
+
 MODEL_NAME = "cnn-classifier"
 DEFAULT_SPEC = f"{MODEL_NAME}:latest"
-MODEL_FILES = ("classifier.onnx", "saliency.onnx")
-SUMMARY_FILE = "export.json"
+DEPLOYABLE_FILES = (CLASSIFIER_FILE, SALIENCY_FILE, CARD_FILE)
 # Names that mean an MLflow alias, not a store tag or a folder (see resolve_alias).
 MLFLOW_ALIASES = frozenset({"champion", "candidate"})
 
@@ -33,28 +34,29 @@ class ModelNotFound(LookupError):
     """``SERVING_MODEL`` names nothing usable; the message says what was tried."""
 
 
-def onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata props of an ONNX file (``classes``, ``image_size``, ...), read with onnxruntime."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
+def read_deployable(path: Path) -> ModelCard:
+    """The card of the deployable folder ``path``, after checking both ONNX files against it."""
+    try:
+        card = ModelCard.read(path)
+        card.verify_files(path)
+    except ContractError as err:
+        raise ModelNotFound(str(err)) from None
+    return card
 
 
 def check_model_dir(path: Path) -> Path:
-    """Return ``path`` if it holds both ONNX files, else raise :class:`ModelNotFound`."""
-    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
-    if missing:
-        raise ModelNotFound(f"{path}: missing {', '.join(missing)} (run `python -m pipeline.export` first)")
+    """Return ``path`` if it is a complete, consistent deployable, else raise :class:`ModelNotFound`."""
+    read_deployable(path)
     return path
 
 
 def resolve_alias(alias: str) -> str:
     """Map an MLflow alias (``champion``, ``candidate``) to a model-store tag.
 
-    MLflow is not importable at serve time, so aliases travel as a store label:
-    ``python -m pipeline.compare export-champion`` writes ``"alias"`` into ``export.json`` and
-    :func:`import_export` records it. The newest import carrying the label wins.
+    MLflow is not importable at serve time, so aliases travel as a store label that
+    ``python -m serving.store import-export DIR --alias champion`` records. The newest import
+    carrying the label wins. ``make serve-champion`` does not rely on it: it serves the exact
+    tag it has just imported from the registry.
     """
     import bentoml
     from bentoml.exceptions import NotFound
@@ -120,43 +122,34 @@ def resolve_model_dir(spec: str | None = None) -> Path:
     return check_model_dir(Path(model.path))
 
 
-def import_export(export_dir: str | Path, tag_version: str | None = None) -> str:
-    """Copy an export folder into the model store as a new ``cnn-classifier`` version.
+def import_export(export_dir: str | Path, alias: str = "", tag_version: str | None = None) -> str:
+    """Put a deployable folder into the model store; reuse the stored copy if it is already there.
 
     Args:
-        export_dir: the export stage's output (two ONNX files and ``export.json``).
+        export_dir: ``classifier.onnx``, ``saliency.onnx`` and ``model_card.json``.
+        alias: the MLflow alias the deployable was fetched under (``champion``), as a label.
         tag_version: the store version; default a fresh unique one.
     Returns:
-        The new tag, e.g. ``cnn-classifier:3xk5...``.
+        The tag, e.g. ``cnn-classifier:3xk5...``.
     """
     import bentoml
+    from bentoml.exceptions import NotFound
 
-    export_dir = check_model_dir(Path(export_dir))
-    summary_path = export_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    meta = onnx_metadata(export_dir / MODEL_FILES[0])
-    metrics = summary.get("metrics") or json.loads(meta.get("metrics") or "{}")
-    labels = {  # short strings: `bentoml models list` shows them and filters on them
-        "model": meta.get("model", ""),
-        "registered_model": str(summary.get("registered_model", "")),
-        "mlflow_version": str(summary.get("version", "")),
-        "mlflow_run_id": str(summary.get("mlflow_run_id", meta.get("mlflow_run_id", ""))),
-        "alias": str(summary.get("alias", "")),  # set by `pipeline.compare export-champion`
-        **{k: f"{v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))},
-    }
-    metadata = {
-        "classes": json.loads(meta.get("classes", "[]")),
-        "image_size": int(meta.get("image_size", 0)),
-        "channels": int(meta.get("channels", 0)),
-        "git_commit": meta.get("git_commit", ""),
-        "data_md5": meta.get("data_md5", ""),
-        "metrics": metrics,
-    }
+    export_dir = Path(export_dir)
+    card = read_deployable(export_dir)
+    labels = card.store_labels(alias)
+    try:
+        stored = bentoml.models.list(MODEL_NAME)
+    except NotFound:
+        stored = []
+    for model in stored:  # the same files and labels: nothing to add
+        if model.info.metadata.get("files") == card.files and model.info.labels == labels and \
+                (tag_version is None or model.tag.version == tag_version):
+            return str(model.tag)
     name = f"{MODEL_NAME}:{tag_version}" if tag_version else MODEL_NAME
-    with bentoml.models.create(name=name, labels=labels, metadata=metadata) as model:
-        for file in (*MODEL_FILES, SUMMARY_FILE):
-            if (export_dir / file).is_file():
-                shutil.copy2(export_dir / file, Path(model.path) / file)
+    with bentoml.models.create(name=name, labels=labels, metadata=card.model_dump()) as model:
+        for file in DEPLOYABLE_FILES:
+            shutil.copy2(export_dir / file, Path(model.path) / file)
     return str(model.tag)
 
 
@@ -164,16 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Put the exported ONNX model into BentoML's model store.")
     commands = parser.add_subparsers(dest="command", required=True)
     importer = commands.add_parser("import-export", help="import an export folder as a new model version")
-    importer.add_argument("export_dir", type=Path, help="folder with classifier.onnx, saliency.onnx, export.json")
+    importer.add_argument("export_dir", type=Path,
+                          help="folder with classifier.onnx, saliency.onnx, model_card.json")
+    importer.add_argument("--alias", default="", help="the MLflow alias it was fetched under (a store label)")
     importer.add_argument("--tag-version", help="store version (default: a fresh unique one)")
     args = parser.parse_args(argv)
     from bentoml.exceptions import BentoMLException
 
     try:
-        print(import_export(args.export_dir, args.tag_version))
-    except (ModelNotFound, BentoMLException, ValueError) as err:
+        print(import_export(args.export_dir, args.alias, args.tag_version))
+    except (ModelNotFound, BentoMLException) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

@@ -113,32 +113,20 @@ SERVING_CLASSES = ["cat", "dog", "owl"]
 
 
 def write_export(out: Path, classes: list[str] = SERVING_CLASSES, size: int = 32, seed: int = 0) -> Path:
-    """What the export stage writes, for a seeded random LeNet-5 (1 channel): ``classifier.onnx``,
-    ``saliency.onnx`` (with the contract's metadata props) and ``export.json``."""
-    import json
-
+    """An export folder made by the export stage's own code (``pipeline.export.write_export``) for a
+    seeded random LeNet-5 (1 channel): ``classifier.onnx``, ``saliency.onnx``, ``model_card.json``."""
     import torch
 
     from models import build_model
-    from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx
+    from pipeline.contract import ModelCard
+    from pipeline.export import write_export as export_folder
 
     torch.manual_seed(seed)
-    model = build_model("lenet5", len(classes), 1, size)
-    mean, std = [0.45], [0.25]
-    metrics = {"top1": 0.5, "top5": 1.0}
-    metadata = {
-        "classes": json.dumps(classes), "image_size": str(size), "channels": "1",
-        "mean": json.dumps(mean), "std": json.dumps(std), "model": "lenet5", "git_commit": "fixture",
-        "data_md5": "fixture", "mlflow_run_id": "fixture-run", "metrics": json.dumps(metrics),
-    }
-    example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
-    export_onnx(ClassifierGraph(model, mean, std), out / "classifier.onnx", (example,),
-                ["image"], ["logits", "probabilities"], metadata)
-    export_onnx(SaliencyGraph(model, mean, std, size), out / "saliency.onnx", (example, torch.tensor([-1, 0])),
-                ["image", "target"], ["logits", "gradient", "guided", "gradcam"], metadata)
-    summary = {"registered_model": "cnn-classifier", "version": "7", "mlflow_run_id": "fixture-run",
-               "metrics": metrics}
-    (out / "export.json").write_text(json.dumps(summary))
+    model = build_model("lenet5", len(classes), 1, size).eval()
+    card = ModelCard(architecture="lenet5", classes=classes, image_size=size, channels=1, mean=[0.45], std=[0.25],
+                     git_commit="fixture", data_md5="fixture", mlflow_run_id="fixture-run",
+                     metrics={"top1": 0.5, "top5": 1.0}, registered_model="cnn-classifier", version="7")
+    export_folder(model, card, out)
     return out
 
 

@@ -6,7 +6,6 @@ Each test copies the project's tracked files into a fresh git repository with a 
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from PIL import Image
 
 from pipeline import compare, tracking
+from pipeline.contract import ModelCard
 from tests.conftest import copy_project, pattern_image, sh, tool_env
 
 TINY = {
@@ -117,7 +117,7 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
     assert compare.main([*args, "--md", "--sort", "test_top1", "--asc", "--last", "1"]) == 0
     markdown = capsys.readouterr().out.splitlines()
     assert markdown[0].startswith("| run |") and markdown[1].startswith("|---|") and len(markdown) == 3
-    assert compare.main([*args, "--runs", "nope"]) == 2
+    assert compare.main([*args, "--runs", "nope"]) == 1
     assert "'nope'" in capsys.readouterr().err
 
     assert compare.main(["promote", "--run", "fast", *args]) == 0
@@ -133,10 +133,10 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "champion"
     assert compare.main(["export-champion", "--out", str(out), *args]) == 0
-    summary = json.loads((out / "export.json").read_text())
-    assert summary["mlflow_run_id"] == runs["slow"].info.run_id and summary["version"] == str(champion.version)
-    assert (out / "classifier.onnx").stat().st_size > 0 and (out / "saliency.onnx").stat().st_size > 0
-    assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "export.json", "saliency.onnx"]
+    card = ModelCard.read(out)
+    assert card.mlflow_run_id == runs["slow"].info.run_id and card.version == str(champion.version)
+    card.verify_files(out)  # the registered pair, byte for byte, as the export stage hashed it
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "model_card.json", "saliency.onnx"]
 
 
 def _queue_idle(repo: Path, env: dict[str, str]) -> bool:

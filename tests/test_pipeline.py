@@ -12,7 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.evaluate import load_trained, predict_logits
+from pipeline.contract import ModelCard
+from pipeline.engine import predict_logits
+from pipeline.trained import load_trained
 from tests.conftest import add_dataset, copy_project, sh, tool_env
 
 TINY = {
@@ -47,13 +49,16 @@ def test_repro_writes_every_output_and_is_up_to_date(repo: Path):
     assert train["epochs"] == 3
     for figure in ("confusion_matrix.png", "confident_mistakes.png", "saliency.png"):
         assert (repo / "artifacts" / "eval" / figure).stat().st_size > 1000
+    card = ModelCard.read(repo / "artifacts" / "export")
+    card.verify_files(repo / "artifacts" / "export")  # the card names both files by sha256
+    run_id = (repo / "artifacts" / "train" / "run_id").read_text().strip()
+    assert (card.classes, card.image_size, card.channels, card.mlflow_run_id) == (["c0", "c1", "c2"], 32, 3, run_id)
+    assert card.metrics == {"top1": metrics["top1"], "top5": metrics["top5"]} and card.version == "1"
     for name in ("classifier.onnx", "saliency.onnx"):
         model = onnx.load(repo / "artifacts" / "export" / name)
         onnx.checker.check_model(model)
         props = {p.key: p.value for p in model.metadata_props}
-        assert json.loads(props["classes"]) == ["c0", "c1", "c2"]
-        assert props["image_size"] == "32" and props["channels"] == "3"
-        assert props["mlflow_run_id"] == (repo / "artifacts" / "train" / "run_id").read_text().strip()
+        assert ModelCard.from_onnx_props(props) == card.model_copy(update={"files": {}, "version": ""})
     assert json.loads(sh(repo, "dvc", "status", "--json")) == {}
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "repro")
     assert "top1" in sh(repo, "dvc", "metrics", "show")
@@ -84,11 +89,11 @@ def test_mlflow_run_and_registered_version(repo: Path):
 @pytest.mark.slow
 def test_onnx_runtime_matches_pytorch_on_the_test_split(repo: Path):
     images = np.load(repo / "artifacts" / "preprocessed" / "test_images.npy")
-    model, config = load_trained(repo / "artifacts" / "train" / "model.pt")
+    model, card = load_trained(repo / "artifacts" / "train" / "model.pt")
     session = ort.InferenceSession(str(repo / "artifacts" / "export" / "classifier.onnx"),
                                    providers=["CPUExecutionProvider"])
     onnx_logits, probabilities = session.run(None, {"image": images})
-    torch_logits = predict_logits(model, images, config)
+    torch_logits = predict_logits(model, images, card.mean, card.std)
     assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
     np.testing.assert_array_equal(onnx_logits.argmax(1), torch_logits.argmax(1))
     np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(torch_logits), 1).numpy(), atol=1e-5)
@@ -104,8 +109,8 @@ def test_changing_a_param_reruns_its_stage(repo: Path):
         out = sh(repo, "dvc", "repro", "preprocess")
         assert "Running stage 'preprocess'" in out
         manifest = json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())
-        assert manifest["size"] == 24
+        assert manifest["image_size"] == 24
     finally:
         params.write_text(original)
         sh(repo, "dvc", "repro", "preprocess")  # back to the fixture's outputs (from the run cache)
-    assert json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())["size"] == 32
+    assert json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())["image_size"] == 32

@@ -18,6 +18,7 @@ import yaml
 
 from pipeline import images
 from pipeline.config import PreprocessParams
+from pipeline.errors import UserError
 from pipeline.preprocess import SPLITS, PreprocessError, assign_split, preprocess_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,8 @@ def params(**overrides: object) -> PreprocessParams:
     return PreprocessParams(**values)
 
 
-def rows_by_path(manifest: dict) -> dict[str, dict]:
+def rows_by_path(manifest) -> dict[str, dict]:
+    manifest = manifest if isinstance(manifest, dict) else manifest.model_dump()
     return {row["path"]: row for row in manifest["files"]}
 
 
@@ -41,10 +43,10 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_arrays_labels_and_manifest_agree(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    manifest = preprocess_folder(image_folder, out, params(), SEED)
+    manifest = preprocess_folder(image_folder, out, params(), SEED).model_dump()
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["classes"] == ["c0", "c1", "c2"]
-    assert (manifest["channels"], manifest["size"], manifest["skipped"]) == (3, 16, [])
+    assert (manifest["channels"], manifest["image_size"], manifest["skipped"]) == (3, 16, [])
     assert sum(manifest["counts"].values()) == len(manifest["files"]) == 90
 
     arrays = {s: np.load(out / f"{s}_images.npy", mmap_mode="r") for s in SPLITS}
@@ -58,7 +60,7 @@ def test_arrays_labels_and_manifest_agree(image_folder: Path, tmp_path: Path) ->
         path = image_folder / row["path"]
         assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert row["split"] == assign_split(row["sha256"], SEED, 0.2, 0.2)
-        assert labels[row["split"]][row["index"]] == manifest["classes"].index(row["class"])
+        assert labels[row["split"]][row["index"]] == manifest["classes"].index(row["class_name"])
         np.testing.assert_array_equal(arrays[row["split"]][row["index"]], images.preprocess(path, 16, 3))
 
     train = arrays["train"].reshape(len(arrays["train"]), 3, -1) / 255.0
@@ -71,7 +73,7 @@ def test_channels_auto_is_one_for_a_grayscale_folder(tmp_path: Path, make_image_
     data = make_image_folder(tmp_path / "data", classes=2, per_class=12)
     for path in data.rglob("*.png"):
         images.open_image(path).convert("L").save(path)
-    manifest = preprocess_folder(data, tmp_path / "out", params(val_fraction=0.3, test_fraction=0.3), SEED)
+    manifest = preprocess_folder(data, tmp_path / "out", params(val_fraction=0.3, test_fraction=0.3), SEED).model_dump()
     assert manifest["channels"] == 1
     assert np.load(tmp_path / "out" / "train_images.npy").shape[1:] == (1, 16, 16)
 
@@ -101,7 +103,7 @@ def test_bad_files_are_skipped_with_their_reason(
 ) -> None:
     for name, (data, _) in bad_files.items():
         (image_folder / "c0" / name).write_bytes(data)
-    manifest = preprocess_folder(image_folder, tmp_path / "out", params(on_error="skip"), SEED)
+    manifest = preprocess_folder(image_folder, tmp_path / "out", params(on_error="skip"), SEED).model_dump()
 
     skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
     assert set(skipped) == {f"c0/{name}" for name in bad_files}
@@ -158,7 +160,7 @@ def test_fewer_than_two_classes(tmp_path: Path, make_image_folder: Callable) -> 
     data = make_image_folder(tmp_path / "data", classes=1, per_class=5)
     with pytest.raises(PreprocessError, match="found 1 class folder.*at least 2"):
         preprocess_folder(data, tmp_path / "out", params(), SEED)
-    with pytest.raises(PreprocessError, match="dataset folder not found"):
+    with pytest.raises(UserError, match="dataset folder not found"):
         preprocess_folder(tmp_path / "missing", tmp_path / "out", params(), SEED)
 
 
@@ -176,7 +178,7 @@ def test_hidden_files_and_folders_are_ignored(image_folder: Path, tmp_path: Path
     (image_folder / "c0" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     shutil.copytree(image_folder / "c1", image_folder / "c0" / ".hidden")
     shutil.copytree(image_folder / "c2", image_folder / ".cache")
-    manifest = preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
+    manifest = preprocess_folder(image_folder, tmp_path / "out", params(), SEED).model_dump()
     assert manifest["classes"] == ["c0", "c1", "c2"]
     assert manifest["skipped"] == []
     assert len(manifest["files"]) == 90
@@ -220,7 +222,7 @@ def test_dvc_repro_preprocess(tmp_path: Path, make_image_folder: Callable) -> No
 
     result = repo / "artifacts" / "preprocessed"
     manifest = json.loads((result / "manifest.json").read_text())
-    assert (manifest["size"], manifest["channels"], sum(manifest["counts"].values())) == (16, 3, 60)
+    assert (manifest["image_size"], manifest["channels"], sum(manifest["counts"].values())) == (16, 3, 60)
     for split in SPLITS:
         assert np.load(result / f"{split}_images.npy").shape == (manifest["counts"][split], 3, 16, 16)
     assert "preprocess" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]

@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from pipeline.config import PreprocessParams
 from pipeline.preprocess import preprocess_folder
 from serving import service, store
 from serving.service import ImageRejected, PayloadTooLarge, Settings, load_image
+from tests.conftest import write_export
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, CHANNELS = 32, 1  # the exported_model fixture's input ...
@@ -109,7 +111,7 @@ def test_serving_pixels_and_logits_equal_the_preprocess_stage(
     photo = Image.fromarray(np.random.default_rng(6).integers(0, 256, (30, 60, 3), dtype=np.uint8))
     photo.save(data / "c1" / "rotated.jpg", "JPEG", exif=exif, quality=90)
     params = PreprocessParams(size=SIZE, channels=CHANNELS, val_fraction=0.0, test_fraction=0.0, workers=1)
-    manifest = preprocess_folder(data, tmp_path / "out", params, seed=0)
+    manifest = preprocess_folder(data, tmp_path / "out", params, seed=0).model_dump()
     staged = np.load(tmp_path / "out" / "train_images.npy")
     assert len(manifest["files"]) == 8 and not manifest["skipped"]
 
@@ -274,8 +276,18 @@ def test_resolve_model_dir(exported_model: Path, tmp_path: Path, monkeypatch: py
     assert store.resolve_model_dir(str(exported_model)) == exported_model
     monkeypatch.setenv("SERVING_MODEL", str(exported_model))
     assert store.resolve_model_dir() == exported_model and store.store_tag() is None
-    (tmp_path / "classifier.onnx").write_bytes(b"")
-    with pytest.raises(store.ModelNotFound, match="missing saliency.onnx"):
+    partial = tmp_path / "partial"
+    shutil.copytree(exported_model, partial)
+    (partial / "saliency.onnx").unlink()
+    with pytest.raises(store.ModelNotFound, match="saliency.onnx: missing"):
+        store.resolve_model_dir(str(partial))
+    mixed = tmp_path / "mixed"  # a saliency graph from another export: refused, never paired
+    shutil.copytree(exported_model, mixed)
+    write_export(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "saliency.onnx", mixed / "saliency.onnx")
+    with pytest.raises(store.ModelNotFound, match="saliency.onnx: content does not match the sha256"):
+        store.resolve_model_dir(str(mixed))
+    with pytest.raises(store.ModelNotFound, match="model_card.json: not found"):
         store.resolve_model_dir(str(tmp_path))
     with pytest.raises(store.ModelNotFound, match="no such folder"):
         store.resolve_model_dir(str(tmp_path / "nope"))
@@ -293,12 +305,10 @@ try:
     store.resolve_model_dir("champion")
 except store.ModelNotFound as err:
     print("before:", err)
-champion = work / "champion"
-shutil.copytree(export, champion)
-summary = json.loads((champion / "export.json").read_text())
-(champion / "export.json").write_text(json.dumps({**summary, "version": "3", "alias": "champion"}))
-first = store.import_export(champion)
+first = store.import_export(export, alias="champion")
+again = store.import_export(export, alias="champion")  # the same deployable: reused, not copied
 plain = store.import_export(export)  # newer, but not the champion
+assert again == first != plain, (first, again, plain)
 print("champion:", first, "plain:", plain, "resolved:", store.resolve_model_dir("champion"))
 """
 

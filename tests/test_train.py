@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -18,9 +17,12 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline import engine
 from pipeline import train as train_stage
 from pipeline.config import Params, PreprocessParams, TrainParams
+from pipeline.errors import UserError
 from pipeline.preprocess import preprocess_folder
+from pipeline.trained import load_trained
 from tests.conftest import pattern_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,9 +109,10 @@ def test_checkpoints_load_with_weights_only(tiny_data, tmp_path, mlflow_store):
     _run(tmp_path, tiny_data, Params(train=TINY_TRAIN))
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng_cpu"} <= set(state)
-    saved = torch.load(tmp_path / "train" / "model.pt", weights_only=True)
-    assert saved["config"]["classes"] == ["c0", "c1", "c2"]
-    assert saved["config"]["model"] == "lenet5"
+    model, card = load_trained(tmp_path / "train" / "model.pt")  # weights_only inside
+    assert card.classes == ["c0", "c1", "c2"] and card.architecture == "lenet5"
+    assert card.mlflow_run_id == (tmp_path / "train" / "run_id").read_text().strip()
+    assert isinstance(model, torch.nn.Module)
 
 
 def _write_params(path: Path, train: TrainParams) -> Path:
@@ -126,7 +129,7 @@ def _train_cmd(tmp: Path, data: Path, params: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_store):
-    train = replace(TINY_TRAIN, epochs=6, batch_size=4)  # small batches: epochs long enough to kill in
+    train = TINY_TRAIN.model_copy(update=dict(epochs=6, batch_size=4))  # small batches: epochs long enough to kill in
     params = _write_params(tmp_path / "params.yaml", train)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     reference = subprocess.run(_train_cmd(tmp_path / "ref", tiny_data, params), env=env, cwd=ROOT,
@@ -164,7 +167,7 @@ def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_sto
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_is_marked_killed(tiny_data, tmp_path, mlflow_store, signum):
-    params = _write_params(tmp_path / "params.yaml", replace(TINY_TRAIN, epochs=50, batch_size=4))
+    params = _write_params(tmp_path / "params.yaml", TINY_TRAIN.model_copy(update=dict(epochs=50, batch_size=4)))
     proc = subprocess.Popen(_train_cmd(tmp_path, tiny_data, params), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 300
@@ -181,13 +184,13 @@ def test_interrupted_run_is_marked_killed(tiny_data, tmp_path, mlflow_store, sig
 def test_changed_params_do_not_resume(tiny_data, tmp_path, mlflow_store, caplog):
     _run(tmp_path, tiny_data, Params(train=TINY_TRAIN))
     caplog.set_level("INFO")
-    _run(tmp_path, tiny_data, Params(train=replace(TINY_TRAIN, lr=0.02)))
+    _run(tmp_path, tiny_data, Params(train=TINY_TRAIN.model_copy(update=dict(lr=0.02))))
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_data, tmp_path, mlflow_store):
-    params = _write_params(tmp_path / "params.yaml", replace(TINY_TRAIN, epochs=2))
+    params = _write_params(tmp_path / "params.yaml", TINY_TRAIN.model_copy(update=dict(epochs=2)))
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipeline.train",
            *_train_cmd(tmp_path, tiny_data, params)[3:]]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -202,16 +205,16 @@ def test_ddp_two_cpu_processes(tiny_data, tmp_path, mlflow_store):
 
 def test_cuda_requested_without_gpu_is_a_clear_error():
     if torch.cuda.is_available():
-        assert train_stage.resolve_device("cuda").type == "cuda"
+        assert engine.resolve_device("cuda").type == "cuda"
     else:
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            train_stage.resolve_device("cuda")
-    assert train_stage.resolve_device("cpu").type == "cpu"
+        with pytest.raises(UserError, match="CUDA is not available"):
+            engine.resolve_device("cuda")
+    assert engine.resolve_device("cpu").type == "cpu"
 
 
 def test_augment_keeps_shape_and_changes_pixels():
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
-    out = train_stage.augment(x, torch.Generator().manual_seed(0), pad=2)
+    out = engine.augment(x, torch.Generator().manual_seed(0), pad=2)
     assert out.shape == x.shape
     assert not torch.equal(out, x)
 

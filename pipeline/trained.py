@@ -1,0 +1,37 @@
+"""``model.pt``: the best weights of a training run and their :class:`~pipeline.contract.ModelCard`.
+
+The card is the only source for rebuilding the model (architecture, classes, input) and for
+describing it later (export writes it into the ONNX files and the registry).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import build_model
+from pipeline.contract import ModelCard
+from pipeline.errors import UserError
+from pipeline.files import write_atomic
+
+
+def save_trained(path: str | Path, state_dict: dict[str, torch.Tensor], card: ModelCard, **extra) -> None:
+    """Weights, the card (as plain data, so ``weights_only`` loading works) and ``extra`` info."""
+    obj = {"model": state_dict, "card": card.model_dump(), **extra}
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_trained(path: str | Path) -> tuple[nn.Module, ModelCard]:
+    """The model in eval mode with the best weights, and its card."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no trained model; run the train stage first (dvc repro train)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if "card" not in saved:
+        raise UserError(f"{path}: written by an older version of the train stage; train again (dvc repro train)")
+    card = ModelCard.model_validate(saved["card"])
+    model = build_model(card.architecture, len(card.classes), card.channels, card.image_size)
+    model.load_state_dict(saved["model"])
+    return model.eval(), card

@@ -1,0 +1,176 @@
+"""The typed contract, crash-safe outputs and how commands fail."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import OperationalError as SqlAlchemyOperationalError
+
+from pipeline import files, tracking
+from pipeline.config import ParamsError, load_params
+from pipeline.contract import ContractError, Manifest, ModelCard
+
+ROOT = Path(__file__).resolve().parent.parent
+CARD = ModelCard(architecture="lenet5", classes=["b", "a", "c d"], image_size=32, channels=1, mean=[0.5], std=[0.25],
+                 git_commit="abc", data_md5="123", mlflow_run_id="r" * 32, metrics={"top1": 0.9, "top5": 1.0},
+                 registered_model="cnn-classifier", version="3", files={"classifier.onnx": "00"})
+
+
+def test_model_card_round_trips_through_onnx_props_and_json(tmp_path: Path):
+    props = CARD.onnx_props()
+    assert all(isinstance(v, str) for v in props.values())
+    assert "files" not in props and "version" not in props  # a file cannot carry its own hash
+    assert ModelCard.from_onnx_props(props) == CARD.model_copy(update={"files": {}, "version": ""})
+    (tmp_path / "model_card.json").write_text(CARD.to_json())
+    assert ModelCard.read(tmp_path) == CARD
+    assert CARD.store_labels("champion")["alias"] == "champion"
+    assert CARD.version_tags()["test_top1"] == "0.9"
+
+
+def test_contract_errors_name_the_file_and_field(tmp_path: Path):
+    with pytest.raises(ContractError, match=r"model_card.json: not found; run the export stage"):
+        ModelCard.read(tmp_path)
+    (tmp_path / "model_card.json").write_text('{"architecture": "lenet5"}')
+    with pytest.raises(ContractError, match=r"model_card.json: classes: Field required"):
+        ModelCard.read(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ContractError, match=r"manifest.json: not valid JSON"):
+        Manifest.read(tmp_path)
+    bad = CARD.onnx_props() | {"channels": "2"}
+    with pytest.raises(ContractError, match=r"ONNX metadata: channels: Input should be 1 or 3"):
+        ModelCard.from_onnx_props(bad)
+
+
+def test_replace_dir_keeps_the_old_folder_when_the_block_fails(tmp_path: Path):
+    out = tmp_path / "out"
+    with files.replace_dir(out) as tmp:
+        (tmp / "a").write_text("old")
+    with pytest.raises(RuntimeError), files.replace_dir(out) as tmp:
+        (tmp / "a").write_text("new")
+        raise RuntimeError("crash")
+    assert (out / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("crash_after", ["aside", "new_in"])
+def test_replace_dir_recovers_from_a_crash_between_renames(tmp_path: Path, crash_after: str):
+    """A real kill at each point between the three renames: the next run finds one intact folder."""
+    script = f"""
+import os, sys
+from pathlib import Path
+from pipeline import files
+out = Path(sys.argv[1])
+real_rename = Path.rename
+crash_target = {{"aside": out.with_name(".out.old"), "new_in": out}}[{crash_after!r}]
+def rename(self, target):
+    result = real_rename(self, target)
+    if Path(target) == crash_target:
+        os._exit(9)  # killed right after this rename
+    return result
+Path.rename = rename
+with files.replace_dir(out) as tmp:
+    (tmp / "a").write_text("new")
+"""
+    out = tmp_path / "out"
+    with files.replace_dir(out) as tmp:
+        (tmp / "a").write_text("old")
+    done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, capture_output=True, timeout=60)
+    assert done.returncode == 9, done.stderr
+    if crash_after == "aside":
+        assert not out.exists() and (tmp_path / ".out.old").exists()  # the moment of danger, for real
+    files.recover_dir(out)
+    expected = "old" if crash_after == "aside" else "new"
+    assert (out / "a").read_text() == expected
+    assert not (tmp_path / ".out.old").exists()
+
+
+def test_write_json_is_atomic_and_leaves_no_temp_file(tmp_path: Path):
+    files.write_json(tmp_path / "m.json", {"a": 1})
+    files.write_json(tmp_path / "m.json", {"a": 2})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": 2\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    assert oct((tmp_path / "m.json").stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("train:\n  lr: true\n", "train.lr: Input should be a valid number (got True)"),
+    ("train:\n  learning_rate: 1\n", "train.learning_rate: unknown key"),
+    ("preprocess:\n  size: 4\n", "preprocess.size: Input should be greater than or equal to 8"),
+    ("train:\n  device: tpu\n", "train.device: 'tpu' is not one of"),
+    ("train: [1, 2]\n", "train: Input should be a valid dictionary"),
+    ("train:\n  lr: [\n", "not valid YAML"),
+])
+def test_bad_params_are_one_line_naming_the_field(tmp_path: Path, yaml_text: str, message: str):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "train", "evaluate", "export"])
+def test_a_stage_with_bad_params_exits_1_with_one_line(tmp_path: Path, stage: str):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: zero\n")
+    done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(tmp_path / "params.yaml")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'params.yaml'}: train.epochs: Input should be a valid integer (got 'zero')"]
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path: Path):
+    """A bug is not a user error: the command fails with the traceback, not one polite line."""
+    script = ("import sys; from pipeline import errors\n"
+              "def body(): raise ZeroDivisionError('deep inside')\n"
+              "sys.exit(errors.run_command(body))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "ZeroDivisionError: deep inside" in done.stderr
+
+
+def test_sqlite_busy_is_recognised_through_mlflow_wrapping():
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = 5
+    wrapped = SqlAlchemyOperationalError("INSERT ...", {}, busy)
+    try:
+        try:
+            raise wrapped
+        except SqlAlchemyOperationalError as err:
+            raise RuntimeError("MLflow failed") from err
+    except RuntimeError as outer:
+        assert tracking._sqlite_busy(outer)
+    other = sqlite3.OperationalError("no such table: runs")
+    other.sqlite_errorcode = 1
+    assert not tracking._sqlite_busy(SqlAlchemyOperationalError("SELECT", {}, other))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise wrapped
+        return "done"
+
+    assert tracking.with_retry(flaky) == "done" and len(calls) == 3
+    with pytest.raises(SqlAlchemyOperationalError):
+        tracking.with_retry(lambda: (_ for _ in ()).throw(SqlAlchemyOperationalError("SELECT", {}, other)))
+
+
+def test_tracking_setup_does_not_swallow_store_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only "already exists" (a parallel run won the race) is tolerated; any other store error
+    surfaces as itself, not as a later NoneType error."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def refuse(*args, **kwargs):
+        raise MlflowException("permission denied on the artifact root", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(mlflow, "create_experiment", refuse)
+    with pytest.raises(MlflowException, match="permission denied on the artifact root"):
+        tracking.setup("exp")
