@@ -24,7 +24,7 @@ run: data
 	dvc repro
 
 test: setup
-	python -m pytest
+	python -m pytest --durations=15
 
 lint: setup
 	ruff check .
@@ -33,11 +33,13 @@ serve: setup
 	python -m serving.store import-export artifacts/export
 	PORT=$(PORT) bentoml serve serving.service:Classifier --port $(PORT)
 
-# The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry.
+# The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry
+# (both ONNX files and the card of one model version) and served by its exact store tag.
 serve-champion: setup
 	python -m pipeline.compare export-champion --out artifacts/champion
-	python -m serving.store import-export artifacts/champion
-	SERVING_MODEL=champion bentoml serve serving.service:Classifier --port $(PORT)
+	tag=$$(python -m serving.store import-export artifacts/champion --alias champion) && \
+	echo "serving $$tag (the MLflow champion)" && \
+	SERVING_MODEL=$$tag bentoml serve serving.service:Classifier --port $(PORT)
 
 # The CPU benchmarks; bench/serve.py needs the exported model (`make run` first).
 # bench/gpu_check.py is for a CUDA machine and is run by hand.
