@@ -52,7 +52,8 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 def run_fingerprint(params: Params, manifest_text: str) -> str:
     """Identifies what a checkpoint was trained on: train params, data and training code."""
     root = Path(__file__).resolve().parent.parent
-    code = "".join((root / f).read_text() for f in import_closure("pipeline.train"))  # not __name__: "__main__" under -m
+    # By name, not __name__: that is "__main__" under `python -m`.
+    code = "".join((root / f).read_text() for f in import_closure("pipeline.train"))
     train = json.dumps(params.train.model_dump(), sort_keys=True)
     return tracking.fingerprint(train, str(params.base.seed), manifest_text, code)
 
