@@ -74,10 +74,12 @@ class TinyNet(nn.Module):
 
 
 def make_model(case: Case) -> nn.Module:
+    """The seeded model in eval mode: the oracles run it directly, and VGG16's Dropout must be off
+    (SaliencyGraph puts a model in eval mode itself, but the graph is built from a folded copy)."""
     torch.manual_seed(0)
     if case.model == "tiny":
         return TinyNet(case.channels, case.classes).eval()
-    return build_model(case.model, case.classes, case.channels, case.size)
+    return build_model(case.model, case.classes, case.channels, case.size).eval()
 
 
 def images(case: Case, n: int, seed: int) -> torch.Tensor:
