@@ -29,7 +29,8 @@ Conventions of the outputs:
   rule at Tanh, ``(g * (1 - y²)).clamp(min=0)``, so LeNet-5 gets a guided map too.
 * Grad-CAM (Selvaraju et al. 2017) is taken at the output of the last activation that follows
   the last Conv2d in ``features``; it is upsampled bilinearly to the input and divided by its
-  per-image maximum, so it lies in [0, 1].
+  per-image maximum, so it lies in [0, 1]; a map that is all zero (no location weighs
+  positively) stays all zero.
 
 Export uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the torch 2.x
 default), opset 18, batch dimension dynamic; :func:`export_onnx` writes a single self-contained
@@ -200,7 +201,7 @@ class SaliencyGraph(nn.Module):
             weights = cam_grad.mean(dim=(2, 3), keepdim=True)  # (N, C', 1, 1)
             cam = (weights * act).sum(dim=1, keepdim=True).relu()  # (N, 1, h, w)
             cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            maps["gradcam"] = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)
+            maps["gradcam"] = cam / _nonzero(cam.amax(dim=(1, 2), keepdim=True))
         return (logits, *(maps[m] for m in self.methods))
 
     def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
@@ -283,6 +284,19 @@ class SaliencyGraph(nn.Module):
             # Dropout (eval) and Identity pass g through unchanged.
         grads = g.unflatten(0, (len(passes), -1))
         return {p: grads[k] for k, p in enumerate(passes)}, cam_grad
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with its zeros replaced by 1: a divisor that leaves an all-zero map zero.
+
+    Grad-CAM is all zero wherever no location weighs positively (a dead or saturated layer, a
+    uniform image, an out-of-range target). The textbook ``cam / (max + eps)`` does not survive
+    export: the onnxscript optimizer's no-op rule ``x + 0 → x`` matches constants within
+    ``abs_tol=1e-8`` of zero, drops ``+ 1e-8`` and leaves 0/0 = NaN in ``saliency.onnx``. A
+    ``Where`` on the data is never folded, and any positive maximum, however small, still maps
+    to exactly 1.
+    """
+    return torch.where(scale > 0, scale, 1)
 
 
 def _tiles(pool: nn.MaxPool2d, size_in: Sequence[int]) -> bool:

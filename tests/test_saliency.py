@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from models import build_model
 from models.saliency import METHODS, ClassifierGraph, SaliencyGraph, export_onnx, fold_adaptive_pool
+from pipeline.onnx_checks import check_saliency_finite, degenerate_inputs
 
 SALIENCY_OUTPUTS = ["logits", "gradient", "guided", "gradcam"]
 
@@ -74,10 +76,12 @@ class TinyNet(nn.Module):
 
 
 def make_model(case: Case) -> nn.Module:
+    """The seeded model in eval mode: the oracles run it directly, and VGG16's Dropout must be off
+    (SaliencyGraph puts a model in eval mode itself, but the graph is built from a folded copy)."""
     torch.manual_seed(0)
     if case.model == "tiny":
         return TinyNet(case.channels, case.classes).eval()
-    return build_model(case.model, case.classes, case.channels, case.size)
+    return build_model(case.model, case.classes, case.channels, case.size).eval()
 
 
 def images(case: Case, n: int, seed: int) -> torch.Tensor:
@@ -112,7 +116,8 @@ def reference_maps(model: nn.Module, image: torch.Tensor, target: torch.Tensor, 
     gradient, act_grad = torch.autograd.grad(score, [x01, act])
     cam = (act_grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True).relu()
     cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cam = torch.where(peak > 0, cam / peak, 0)  # the definition: an all-zero map stays zero
 
     # Guided backprop: every ReLU/Tanh passes on only the positive part of its input gradient.
     hooks = [
@@ -132,12 +137,22 @@ def reference_maps(model: nn.Module, image: torch.Tensor, target: torch.Tensor, 
 def map_errors(
     actual: np.ndarray | torch.Tensor, expected: torch.Tensor, what: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image cosine similarity and relative L2 error; the reference must not be all zero."""
+    """Per-image cosine similarity and relative L2 error.
+
+    An all-zero reference (Grad-CAM where no location weighs positively, a zero seed) has neither
+    direction nor scale: there the map must be exactly zero too, scored cosine 1 and error 0,
+    else cosine 0 and error inf, which no tolerance passes. Exactly, because float32 reproduces
+    those zeros exactly (a ReLU cut, a zero product) and Grad-CAM scales any residue up to max 1.
+    """
     a = torch.as_tensor(actual).double().flatten(1)
     e = expected.double().flatten(1)
     assert a.shape == e.shape, what
-    assert (e.norm(dim=1) > 0).all(), f"{what}: reference map is all zero, the test would prove nothing"
-    return F.cosine_similarity(a, e, dim=1), (a - e).norm(dim=1) / e.norm(dim=1)
+    norm = e.norm(dim=1)
+    zero = norm == 0
+    hit = zero & (a == 0).all(dim=1)
+    cosine = torch.where(zero, hit.double(), F.cosine_similarity(a, e, dim=1))
+    rel_l2 = (a - e).norm(dim=1) / torch.where(zero, 1, norm)
+    return cosine, torch.where(zero, torch.where(hit, 0.0, torch.inf), rel_l2)
 
 
 def targets_for(kind: str, batch: int, classes: int) -> torch.Tensor:
@@ -147,7 +162,7 @@ def targets_for(kind: str, batch: int, classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", params=list(CASES))
 def saliency_export(request, tmp_path_factory):
-    """(case, float32 model, its float64 copy, session of the exported float32 saliency graph).
+    """(case, float32 model, its float64 copy, session of the exported float32 saliency graph, its path).
 
     The graph is built as the export stage builds it, from the pool-folded model (VGG16 at 32 px
     folds; the oracles run the unfolded one), so the parity tests cover what ships."""
@@ -160,14 +175,14 @@ def saliency_export(request, tmp_path_factory):
     assert [p.name for p in path.parent.iterdir()] == ["saliency.onnx"]  # one file: no external data
     model64 = copy.deepcopy(model).double()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return case, model, model64, session
+    return case, model, model64, session, path
 
 
 # ----------------------------------------------------------------------------- tests
 def test_backward_rules_match_autograd(saliency_export) -> None:
     # The hand-written backward in float64 against autograd in float64: no rounding near
     # ReLU/max-pool kinks to excuse, so the maps must agree to rounding error.
-    case, _, model64, _ = saliency_export
+    case, _, model64, _, _ = saliency_export
     graph64 = SaliencyGraph(model64, case.mean, case.std, case.size).double()
     image, target = images(case, 3, seed=3), torch.tensor([-1, 3, 5])
     with torch.no_grad():
@@ -182,7 +197,7 @@ def test_backward_rules_match_autograd(saliency_export) -> None:
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("targets", ["given", "predicted"])
 def test_saliency_onnx_matches_autograd(saliency_export, batch: int, targets: str) -> None:
-    case, _, model64, session = saliency_export
+    case, _, model64, session, _ = saliency_export
     image, target = images(case, batch, seed=batch), targets_for(targets, batch, case.classes)
     logits, gradient, guided, gradcam = session.run(
         SALIENCY_OUTPUTS, {"image": image.numpy(), "target": target.numpy()}
@@ -192,7 +207,8 @@ def test_saliency_onnx_matches_autograd(saliency_export, batch: int, targets: st
     np.testing.assert_allclose(logits, expected[0].numpy(), rtol=0, atol=1e-4)
     assert gradient.shape == guided.shape == (batch, case.channels, case.size, case.size)
     assert gradcam.shape == (batch, case.size, case.size)
-    assert gradcam.min() >= 0 and np.allclose(gradcam.max(axis=(1, 2)), 1, atol=1e-5)
+    peak = expected[3].flatten(1).amax(dim=1).numpy()  # 1, or 0 where the reference map is all zero
+    assert gradcam.min() >= 0 and np.allclose(gradcam.max(axis=(1, 2)), peak, rtol=0, atol=1e-5)
     for what, actual, ref in zip(SALIENCY_OUTPUTS[1:], (gradient, guided, gradcam), expected[1:], strict=True):
         cosine, rel_l2 = map_errors(actual, ref, what)
         strict = (cosine >= 0.9999) & (rel_l2 <= 1e-2)
@@ -205,7 +221,7 @@ def test_saliency_onnx_matches_autograd(saliency_export, batch: int, targets: st
 
 
 def test_predicted_target_is_the_argmax(saliency_export) -> None:
-    case, _, _, session = saliency_export
+    case, _, _, session, _ = saliency_export
     image = images(case, 4, seed=5).numpy()
     logits, *maps = session.run(SALIENCY_OUTPUTS, {"image": image, "target": np.full(4, -1)})
     _, *explicit = session.run(SALIENCY_OUTPUTS, {"image": image, "target": logits.argmax(1)})
@@ -264,7 +280,7 @@ def test_fold_adaptive_pool_is_exact() -> None:
 def test_method_subsets_match_the_full_graph(saliency_export) -> None:
     # A graph built for some methods computes them exactly as the full graph does (float64: the
     # stacked plain/guided passes and the early stop must not change a single map).
-    case, _, model64, _ = saliency_export
+    case, _, model64, _, _ = saliency_export
     image, target = images(case, 3, seed=7), torch.tensor([-1, 2, 4])
     with torch.no_grad():
         full_graph = SaliencyGraph(model64, case.mean, case.std, case.size).double()
@@ -285,3 +301,148 @@ def test_unsupported_layer_is_refused() -> None:
     model.features[1] = nn.GELU()
     with pytest.raises(TypeError, match="GELU"):
         SaliencyGraph(model, [0.5], [0.25], 32)
+
+
+# ----------------------------------------------------------------------------- degenerate inputs
+# VGG16's float64 oracle on 4 images × 11 targets: 12–25 s on 2 shared cores.
+@pytest.mark.parametrize(
+    "saliency_export", ["lenet5", pytest.param("vgg16", marks=pytest.mark.slow), "tiny"], indirect=True
+)
+def test_saliency_onnx_is_finite_on_degenerate_inputs(saliency_export) -> None:
+    # Uniform images have no edges, so whole layers die or saturate together and Grad-CAM is all
+    # zero for many targets (seed 0: LeNet-5 17 of 33 uniform maps, VGG16 grey/3 and noise/7,
+    # TinyNet 7). saliency.onnx once divided 0/0 there, because the exporter's optimizer dropped
+    # the `+ 1e-8` of `cam / (max + 1e-8)`. Every target and -1, against the float64 oracle.
+    case, _, model64, session, _ = saliency_export
+    targets = torch.arange(-1, case.classes)
+    zero_cams = []
+    for name, single in degenerate_inputs(case.channels, case.size).items():
+        image = torch.from_numpy(single).repeat(len(targets), 1, 1, 1)
+        outputs = session.run(SALIENCY_OUTPUTS, {"image": image.numpy(), "target": targets.numpy()})
+        for what, actual in zip(SALIENCY_OUTPUTS, outputs, strict=True):
+            assert np.isfinite(actual).all(), f"{name} image: {what} not finite for targets {targets.tolist()}"
+        guided_gradcam = outputs[2] * outputs[3][:, None]  # what the service shows as guided Grad-CAM
+        assert np.isfinite(guided_gradcam).all(), f"{name} image: guided*gradcam not finite"
+
+        expected = reference_maps(model64, image, targets, case)
+        np.testing.assert_allclose(outputs[0], expected[0].numpy(), rtol=0, atol=1e-4)
+        for what, actual, ref in zip(SALIENCY_OUTPUTS[1:], outputs[1:], expected[1:], strict=True):
+            # No tie or kink allowance: flat images tie exactly in float32 and float64 alike.
+            cosine, rel_l2 = map_errors(actual, ref, f"{name} image: {what}")
+            assert (cosine >= 0.9999).all() and (rel_l2 <= 1e-2).all(), f"{name} image: {what}: {cosine=} {rel_l2=}"
+        zero = (expected[3].flatten(1) == 0).all(dim=1)
+        assert not outputs[3][zero.numpy()].any(), f"{name} image: an all-zero Grad-CAM is not zero in ONNX"
+        zero_cams += [(name, t) for t in targets[zero].tolist()]
+    # The case this test exists for: should a new seed or torch version stop producing all-zero
+    # references, it fails here instead of silently no longer covering 0/0.
+    assert zero_cams, f"{case.model}: no all-zero Grad-CAM reference among the degenerate inputs"
+
+
+def test_out_of_range_target_gives_zero_maps(saliency_export) -> None:
+    # The forward docstring's promise; its Grad-CAM is the 0/0 case for every image.
+    case, _, _, session, _ = saliency_export
+    image = images(case, 2, seed=11).numpy()
+    logits, *maps = session.run(SALIENCY_OUTPUTS, {"image": image, "target": np.array([case.classes, 1000])})
+    assert np.isfinite(logits).all()
+    for what, actual in zip(SALIENCY_OUTPUTS[1:], maps, strict=True):
+        assert np.array_equal(actual, np.zeros_like(actual)), what  # also False for NaN
+
+
+def test_check_saliency_finite_passes_on_the_export(saliency_export) -> None:
+    case, *_, path = saliency_export
+    check_saliency_finite(path, case.classes, case.channels, case.size)
+
+
+def test_check_saliency_finite_catches_the_lost_epsilon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bug itself: Grad-CAM normalised by `max + 1e-8` exports as max alone (the onnxscript
+    # optimizer's `x + 0 → x` rule matches constants within 1e-8 of zero) and divides 0/0. The
+    # graph computes it correctly in PyTorch; only the exported file is broken, and the check sees it.
+    case = CASES["lenet5"]
+    monkeypatch.setattr("models.saliency._nonzero", lambda peak: peak + 1e-8)
+    graph = SaliencyGraph(make_model(case), case.mean, case.std, case.size, ["gradcam"])
+    image = torch.from_numpy(degenerate_inputs(case.channels, case.size)["black"])
+    with torch.no_grad():
+        assert torch.isfinite(graph(image, torch.tensor([0]))[1]).all()
+    path = tmp_path / "saliency.onnx"
+    export_onnx(graph, path, (images(case, 2, seed=1), torch.tensor([-1, 1])), ["image", "target"],
+                ["logits", "gradcam"], {})
+    assert "Add" not in {node.op_type for node in onnx.load(path).graph.node}  # the epsilon is gone
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (gradcam,) = session.run(["gradcam"], {"image": image.numpy(), "target": np.array([0])})
+    assert np.isnan(gradcam).all()  # black image, target 0: an all-zero map (see the test above)
+
+
+def broken_saliency_onnx(path: Path, defect: str) -> Path:
+    """A stand-in ``saliency.onnx`` with the real inputs and outputs (image uint8 [N, C, H, W],
+    target int64 [N] → logits, gradient, guided, gradcam [N, H, W]), finite everywhere except
+    for the black image with target 2, where ``s = max(image) + |target - 2|`` is 0.
+
+    ``defect="nan"``: Grad-CAM is multiplied by s / s, i.e. divides 0/0 there. ``"overflow"``:
+    guided and Grad-CAM get s == 0 ? 1e38 : 0 added, each finite, their product inf.
+    """
+    from onnx import TensorProto, helper
+
+    def const(name: str, value: list, dtype: int = TensorProto.FLOAT) -> onnx.TensorProto:
+        return helper.make_tensor(name, dtype, [len(value)], value)
+
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["x", "c255"], ["gradient"]),
+        helper.make_node("ReduceMax", ["x", "axes_chw"], ["peak"], keepdims=1),  # (N, 1, 1, 1)
+        helper.make_node("Cast", ["target"], ["t"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["t", "shape_n1"], ["logits"]),
+        helper.make_node("Sub", ["t", "c2"], ["t_off"]),
+        helper.make_node("Abs", ["t_off"], ["t_abs"]),
+        helper.make_node("Reshape", ["t_abs", "shape_n111"], ["t4"]),
+        helper.make_node("Add", ["peak", "t4"], ["s"]),  # 0 only for the black image, target 2
+        helper.make_node("ReduceMean", ["gradient", "axes_c"], ["mean"], keepdims=1),  # (N, 1, H, W)
+    ]
+    if defect == "nan":
+        nodes += [helper.make_node("Div", ["s", "s"], ["factor"]),  # 0/0
+                  helper.make_node("Mul", ["mean", "factor"], ["cam4"]),
+                  helper.make_node("Identity", ["gradient"], ["guided"])]
+    else:
+        nodes += [helper.make_node("Equal", ["s", "c0"], ["hit"]),
+                  helper.make_node("Where", ["hit", "c1e38", "c0"], ["big"]),
+                  helper.make_node("Add", ["mean", "big"], ["cam4"]),
+                  helper.make_node("Add", ["gradient", "big"], ["guided"])]
+    nodes.append(helper.make_node("Squeeze", ["cam4", "axes_c"], ["gradcam"]))
+    initializers = [
+        const("c255", [255.0]), const("c2", [2.0]), const("c0", [0.0]), const("c1e38", [1e38]),
+        const("axes_chw", [1, 2, 3], TensorProto.INT64), const("axes_c", [1], TensorProto.INT64),
+        const("shape_n1", [-1, 1], TensorProto.INT64), const("shape_n111", [-1, 1, 1, 1], TensorProto.INT64),
+    ]
+    nchw = ["N", "C", "H", "W"]
+    graph = helper.make_graph(
+        nodes, "broken_saliency",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, nchw),
+         helper.make_tensor_value_info("target", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("gradient", TensorProto.FLOAT, nchw),
+         helper.make_tensor_value_info("guided", TensorProto.FLOAT, nchw),
+         helper.make_tensor_value_info("gradcam", TensorProto.FLOAT, ["N", "H", "W"])],
+        initializers,
+    )
+    # IR 8 (opset 18's own): onnx's default IR version can be newer than ONNX Runtime reads.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("defect", "output"), [("nan", "gradcam"), ("overflow", "guided*gradcam")])
+def test_check_saliency_finite_catches_non_finite(tmp_path: Path, defect: str, output: str) -> None:
+    path = broken_saliency_onnx(tmp_path / "saliency.onnx", defect)
+    # The defect is where it should be, and only there: black image, target 2.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    black = degenerate_inputs(3, 8)["black"].repeat(2, axis=0)
+    _, _, guided, gradcam = session.run(SALIENCY_OUTPUTS, {"image": black, "target": np.array([1, 2])})
+    with np.errstate(over="ignore"):
+        product = guided * gradcam[:, None]
+    assert np.isfinite(product[0]).all() and not np.isfinite(product[1]).all()
+    assert np.isfinite(gradcam[0]).all() and np.isfinite(gradcam).all() == (defect == "overflow")
+
+    message = f"{path}: saliency.onnx yields non-finite values for the black image, target 2, output {output}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_saliency_finite(path, num_classes=4, channels=3, size=8)
+    check_saliency_finite(path, num_classes=2, channels=3, size=8)  # targets 0, 1, -1 never reach it

@@ -1,0 +1,75 @@
+"""Checks an exported ``saliency.onnx`` must pass before the export stage registers it.
+
+numpy and onnxruntime only, no torch: the check runs the file as the service will, so it sees
+what the exporter's optimizer and ONNX Runtime made of the graph, not what PyTorch meant. That
+gap is real: Grad-CAM's ``cam / (max + 1e-8)`` lost its epsilon in the optimizer and divided
+0/0 in ONNX only, wherever the map was all zero, while every PyTorch-side check passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+SALIENCY_OUTPUTS = ("logits", "gradient", "guided", "gradcam")  # the saliency.onnx contract, in order
+# Rows per run: the graph keeps every activation for its hand-written backward pass, so a row of
+# VGG16 at 224 px holds a few hundred MB; a chunk bounds memory whatever the number of classes.
+CHUNK = 8
+
+
+def degenerate_inputs(channels: int, size: int) -> dict[str, np.ndarray]:
+    """The images where saliency maps tend to vanish, plus one ordinary image.
+
+    Uniform images have no edges: activations are flat, whole ReLU/Tanh layers die or saturate
+    together and Grad-CAM is often all zero (5 of 10 targets of a random LeNet-5). Seeded noise
+    is the everyday case the check must not break.
+
+    Args:
+        channels: image channels (1 or 3).
+        size: square image side in pixels.
+
+    Returns:
+        name → uint8 batch (1, channels, size, size): ``black``, ``white``, ``grey``, ``noise``.
+    """
+    shape = (1, channels, size, size)
+    return {
+        "black": np.zeros(shape, np.uint8),
+        "white": np.full(shape, 255, np.uint8),
+        "grey": np.full(shape, 128, np.uint8),
+        "noise": np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8),
+    }
+
+
+def check_saliency_finite(path: str | Path, num_classes: int, channels: int, size: int) -> None:
+    """Run ``saliency.onnx`` on every :func:`degenerate_inputs` image for every target (each
+    class and −1, the predicted one) and require every output to be finite.
+
+    Besides the graph's outputs this checks ``guided * gradcam``, the guided Grad-CAM the service
+    computes from them: a NaN in Grad-CAM reaches users through it too.
+
+    Args:
+        path: the exported ``saliency.onnx`` (inputs image, target; outputs
+            :data:`SALIENCY_OUTPUTS`).
+        num_classes: K, the number of logits; targets 0..K−1 and −1 are tried.
+        channels: image channels the graph takes.
+        size: square image side the graph was built for.
+
+    Raises:
+        ValueError: naming the first image, target and output that are not finite.
+    """
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    targets = np.array([*range(num_classes), -1], dtype=np.int64)
+    for name, image in degenerate_inputs(channels, size).items():
+        for start in range(0, len(targets), CHUNK):
+            chunk = targets[start:start + CHUNK]
+            feeds = {"image": np.repeat(image, len(chunk), axis=0), "target": chunk}
+            outputs = dict(zip(SALIENCY_OUTPUTS, session.run(list(SALIENCY_OUTPUTS), feeds), strict=True))
+            with np.errstate(over="ignore", invalid="ignore"):  # non-finite products are reported below
+                outputs["guided*gradcam"] = outputs["guided"] * outputs["gradcam"][:, None]
+            for row, target in enumerate(chunk.tolist()):
+                for output, values in outputs.items():
+                    if not np.isfinite(values[row]).all():
+                        raise ValueError(f"{path}: saliency.onnx yields non-finite values for the {name} image, "
+                                         f"target {target}, output {output}")
