@@ -160,7 +160,10 @@ def targets_for(kind: str, batch: int, classes: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", params=list(CASES))
+# VGG16 cases are the slow tier: the fast tier keeps LeNet-5 and TinyNet (strided and
+# overlapping pools, BN, overlapping adaptive bins), which exercise every backward rule.
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name == "vgg16" else name
+                                        for name in CASES])
 def saliency_export(request, tmp_path_factory):
     """(case, float32 model, its float64 copy, session of the exported float32 saliency graph, its path).
 
@@ -229,7 +232,7 @@ def test_predicted_target_is_the_argmax(saliency_export) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "vgg16"])
+@pytest.mark.parametrize("name", ["lenet5", pytest.param("vgg16", marks=pytest.mark.slow)])
 def test_classifier_onnx_matches_torch(tmp_path: Path, name: str) -> None:
     # Built as the export stage builds it (VGG16 at 32 px: pool folded into fc1), compared with
     # the model as trained.
@@ -256,6 +259,7 @@ def test_classifier_onnx_matches_torch(tmp_path: Path, name: str) -> None:
         assert probabilities.shape == (batch, case.classes)
 
 
+@pytest.mark.slow
 def test_fold_adaptive_pool_is_exact() -> None:
     # VGG16 at 64 px: 512×2×2 features replicated to 7×7 → a 2048-input Linear instead of 25088.
     torch.manual_seed(0)
