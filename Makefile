@@ -48,7 +48,7 @@ serve: setup
 # The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry.
 serve-champion: setup
 	python -m pipeline.compare export-champion --out artifacts/champion
-	python -m serving.store import-export artifacts/champion
+	python -m serving.store import-export artifacts/champion --alias champion
 	SERVING_MODEL=champion bentoml serve serving.service:Classifier --port $(PORT)
 
 # The CPU benchmarks; bench/serve.py needs the exported model (`make run` first).
