@@ -10,9 +10,13 @@ PORT ?= 3000
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "make setup: a virtual environment in $(VENV) with this project and its dependencies (pyproject.toml):"
+	@echo "  torch + torchvision from PyPI, which bundle NVIDIA's CUDA libraries (~4.5 GB; no GPU is needed,"
+	@echo "  everything runs on the CPU), onnxruntime-gpu (~0.35 GB), mlflow, dvc, bentoml, scikit-learn,"
+	@echo "  matplotlib, pytest, playwright: about 7 GB on disk, a few minutes (pip shows its progress). Once only."
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --progress-bar on --upgrade pip
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 # The default dataset is generated, not downloaded: byte for byte what data.dvc records.
@@ -20,8 +24,11 @@ $(VENV)/.installed: pyproject.toml
 data: setup
 	@if [ ! -d data ]; then python -m pipeline.datasets digits --out data && dvc commit --force --quiet data.dvc; fi
 
+# DVC ends every repro with "Use `dvc push` to send your updates to remote storage."; without a
+# remote there is nowhere to push, so that line is dropped (DVC has no setting for it).
 run: data
-	dvc repro
+	@if [ -n "$$(dvc remote list)" ]; then dvc repro; \
+	else PYTHONUNBUFFERED=1 bash -o pipefail -c 'dvc repro | grep -v "^Use .dvc push. to send"'; fi
 
 test: setup
 	python -m pytest --durations=15
@@ -29,9 +36,14 @@ test: setup
 lint: setup
 	ruff check .
 
+# The champion from the MLflow registry if one was promoted, else the latest export; it says which.
+# Importing a deployable the store already holds reuses it. The web UI: http://localhost:$(PORT)/
 serve: setup
-	python -m serving.store import-export artifacts/export
-	PORT=$(PORT) bentoml serve serving.service:Classifier --port $(PORT)
+	@dir=$$(python -m pipeline.compare serve-source --champion-out artifacts/champion --export artifacts/export) \
+	&& alias=$$(if [ "$$dir" = artifacts/champion ]; then echo champion; fi) \
+	&& tag=$$(python -m serving.store import-export "$$dir" --alias "$$alias") \
+	&& echo "model store: $$tag; web UI on http://localhost:$(PORT)/" \
+	&& SERVING_MODEL=$$tag bentoml serve serving.service:Classifier --port $(PORT)
 
 # The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry
 # (both ONNX files and the card of one model version) and served by its exact store tag.
@@ -49,5 +61,6 @@ bench: setup
 	python bench/inference.py
 	@if [ -d artifacts/export ]; then python bench/serve.py; else echo "bench/serve.py skipped: no artifacts/export, run make run first"; fi
 
+# Generated, untracked outputs only: metrics/ and plots/ are tracked in git and stay.
 clean:
-	rm -rf artifacts metrics plots mlflow.db
+	rm -rf artifacts dvc_plots mlflow.db mlflow.db.lock

@@ -5,6 +5,7 @@
     python -m pipeline.compare promote --run <exp-name|run-id> [--force]
     python -m pipeline.compare promote --version 3
     python -m pipeline.compare export-champion --out artifacts/champion
+    python -m pipeline.compare serve-source             # what `make serve` serves: champion, else latest export
 
 A DVC experiment is one MLflow run named after it (see ``pipeline/tracking.py``), so the
 table lines up with ``dvc exp show``. The store is the one ``tracking.tracking_uri()`` names.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from pipeline import registry, tracking
 from pipeline.config import PARAMS_FILE, load_params
-from pipeline.contract import ModelCard
+from pipeline.contract import CARD_FILE, ModelCard
 from pipeline.errors import UserError, run_command
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,28 @@ def export_champion(client, model_name: str, out: Path, alias: str = "champion")
     return registry.download(model_name, str(model_version.version), out)
 
 
+def serving_source(model_name: str, champion_out: Path, export_dir: Path, alias: str = "champion") -> tuple[Path, str]:
+    """What ``make serve`` serves: the ``alias`` version from the MLflow registry (written into
+    ``champion_out``) if the store has one, else the latest export. Returns (folder, why)."""
+    client = None
+    try:
+        client = open_client()
+    except CompareError:  # no store yet: only an export can exist
+        pass
+    version = alias_version(client, model_name, alias) if client is not None else None
+    if version is not None:
+        card = export_champion(client, model_name, champion_out, alias)
+        return champion_out, (f"serving the {alias}: {model_name} version {card.version} "
+                              f"(test top-1 {_fmt(card.metrics.get('top1'))}, run {card.mlflow_run_id})")
+    if not (export_dir / CARD_FILE).exists():
+        raise CompareError(f"nothing to serve: no {alias!r} version of {model_name!r} in the MLflow registry and "
+                           f"no {export_dir}; run the pipeline first (make run)")
+    card = ModelCard.read(export_dir)
+    return export_dir, (f"no {alias!r} in the MLflow registry (python -m pipeline.compare promote ...): serving "
+                        f"the latest export {export_dir}: {model_name} version {card.version or '?'} "
+                        f"(test top-1 {_fmt(card.metrics.get('top1'))}, run {card.mlflow_run_id})")
+
+
 # --------------------------------------------------------------------------- CLI
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -297,7 +320,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
                         help="write a PNG of val top-1 and val loss per epoch of the listed runs")
     parser.set_defaults(command=compare_cli)
-    commands = parser.add_subparsers(title="commands", metavar="{promote,export-champion}")
+    commands = parser.add_subparsers(title="commands", metavar="{promote,export-champion,serve-source}")
 
     def registry_command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
@@ -321,6 +344,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                           "saliency.onnx, model_card.json) for serving.")
     champion_parser.add_argument("--out", type=Path, required=True, help="directory to write (replaced)")
     champion_parser.set_defaults(command=export_champion_cli)
+    source_parser = registry_command("serve-source", "Print the folder `make serve` serves: the champion "
+                                                     "(downloaded) if there is one, else the latest export.")
+    source_parser.add_argument("--champion-out", type=Path, default=Path("artifacts/champion"),
+                               help="where to write the champion (replaced)")
+    source_parser.add_argument("--export", type=Path, default=Path("artifacts/export"), help="the latest export")
+    source_parser.set_defaults(command=serve_source_cli)
     return parser
 
 
@@ -360,6 +389,15 @@ def export_champion_cli(args: argparse.Namespace) -> int:
     model_name = args.model_name or load_params(args.params).export.registered_model
     card = export_champion(open_client(), model_name, args.out, args.alias)
     print(f"{model_name} version {card.version} ({args.alias}, run {card.mlflow_run_id}) -> {args.out}")
+    return 0
+
+
+def serve_source_cli(args: argparse.Namespace) -> int:
+    """``serve-source``: the folder on stdout, why on stderr."""
+    model_name = args.model_name or load_params(args.params).export.registered_model
+    folder, why = serving_source(model_name, args.champion_out, args.export, args.alias)
+    print(why, file=sys.stderr)
+    print(folder)
     return 0
 
 

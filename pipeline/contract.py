@@ -28,6 +28,8 @@ Split = Literal["train", "val", "test"]
 CLASSIFIER_FILE = "classifier.onnx"
 SALIENCY_FILE = "saliency.onnx"
 CARD_FILE = "model_card.json"
+# Optional beside them: a few test-split images (uint8 ``images`` N×C×H×W, int ``labels``) for the UI.
+EXAMPLES_FILE = "examples.npz"
 MANIFEST_FILE = "manifest.json"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models.saliency import SaliencyGraph
-from pipeline import tracking
+from pipeline import colormap, tracking
 from pipeline.config import load_params
 from pipeline.contract import ModelCard
 from pipeline.engine import predict_logits
@@ -126,6 +126,9 @@ def plot_saliency(model: torch.nn.Module, card: ModelCard, images: np.ndarray, l
         logits, _, guided, gradcam = graph(torch.from_numpy(np.ascontiguousarray(images[picks])),
                                            torch.full((len(picks),), -1, dtype=torch.int64))
     plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(colormap.table(), name=colormap.NAME)  # the service's and the UI's colours
     fig, axes = plt.subplots(len(picks), 3, figsize=(7, 2.3 * len(picks)), squeeze=False)
     for row, i in enumerate(picks):
         image = images[i]
@@ -133,11 +136,11 @@ def plot_saliency(model: torch.nn.Module, card: ModelCard, images: np.ndarray, l
         _show(axes[row, 0], image)
         axes[row, 0].set_title(f"true {classes[labels[i]]}, predicted {classes[int(logits[row].argmax())]}",
                                fontsize=7)
-        axes[row, 1].imshow(guided_map / (guided_map.max() + 1e-12), cmap="inferno")
+        axes[row, 1].imshow(guided_map / (guided_map.max() + 1e-12), cmap=cmap, vmin=0, vmax=1)
         axes[row, 1].set_title("guided backprop", fontsize=7)
         axes[row, 1].axis("off")
         _show(axes[row, 2], image)
-        axes[row, 2].imshow(gradcam[row].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        axes[row, 2].imshow(gradcam[row].numpy(), cmap=cmap, alpha=0.45, vmin=0, vmax=1)
         axes[row, 2].set_title("Grad-CAM", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -24,7 +24,7 @@ import torch
 from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx, fold_adaptive_pool
 from pipeline import registry, tracking
 from pipeline.config import load_params
-from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, SALIENCY_FILE, ModelCard, sha256_file
+from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ModelCard, sha256_file
 from pipeline.engine import predict_logits
 from pipeline.errors import run_command, setup_logging
 from pipeline.files import replace_dir
@@ -67,6 +67,15 @@ def write_export(model: torch.nn.Module, card: ModelCard, out_dir: Path, opset: 
         return export_files(model, card, tmp, opset)
 
 
+def write_examples(folder: Path, images: np.ndarray, labels: np.ndarray, limit: int = 12) -> int:
+    """Write ``folder/examples.npz``: the first test image of each class (class order, at most ``limit``),
+    as the preprocess stage stored them. The service's web UI offers them; returns how many."""
+    picks = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)][:limit]
+    with open(folder / EXAMPLES_FILE, "wb") as file:
+        np.savez_compressed(file, images=np.ascontiguousarray(images[picks]), labels=labels[picks].astype(np.int64))
+    return len(picks)
+
+
 def check_parity(path: Path, model: torch.nn.Module, card: ModelCard, images: np.ndarray) -> dict[str, float]:
     """Run ``classifier.onnx`` and PyTorch on the same images; top-1 must agree on every one."""
     session = registry.cpu_session(path)
@@ -89,10 +98,11 @@ def export_stage(model_path: Path, data_dir: Path, run_id_path: Path, eval_metri
     card = card.model_copy(update={
         "mlflow_run_id": tracking.read_run_id(run_id_path), "registered_model": registered_name,
         "metrics": {k: float(eval_metrics[k]) for k in ("top1", "top5") if k in eval_metrics}})
-    images, _ = load_split(data_dir, "test")
+    images, labels = load_split(data_dir, "test")
     # The folder appears only when every check passed and the version is registered.
     with replace_dir(out_dir) as staging:
         card = export_files(model, card, staging, opset)
+        write_examples(staging, images, labels)
         parity = check_parity(staging / CLASSIFIER_FILE, model, card, images)
         log.info("ONNX Runtime matches PyTorch on %d test images (max |Δlogit| %.2e)", parity["images"],
                  parity["max_abs_logit_diff"])

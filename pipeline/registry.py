@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import tracking
-from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, SALIENCY_FILE, ContractError, ModelCard
+from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ContractError, ModelCard
 from pipeline.errors import UserError
 from pipeline.files import replace_dir
 
@@ -50,7 +50,8 @@ def register(folder: Path, card: ModelCard, example: np.ndarray, experiment: str
             onnx.load(str(folder / CLASSIFIER_FILE)), name=ARTIFACT_NAME, signature=signature,
             input_example={"image": example}, registered_model_name=card.registered_model,
             save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
-            extra_files=[str(folder / SALIENCY_FILE), str(folder / CARD_FILE)]))
+            extra_files=[str(folder / name) for name in (SALIENCY_FILE, CARD_FILE, EXAMPLES_FILE)
+                         if (folder / name).exists()]))
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     tracking.with_retry(lambda: client.set_registered_model_alias(card.registered_model, "candidate", version))
@@ -79,6 +80,8 @@ def download(model_name: str, version: str, out: Path) -> ModelCard:
         with replace_dir(out) as staging:
             shutil.copyfile(model_dir / flavor["data"], staging / CLASSIFIER_FILE)
             shutil.copyfile(extra[SALIENCY_FILE], staging / SALIENCY_FILE)
+            if EXAMPLES_FILE in extra:  # optional: the UI's bundled test images
+                shutil.copyfile(extra[EXAMPLES_FILE], staging / EXAMPLES_FILE)
             try:
                 card.verify_files(staging)
             except ContractError as err:

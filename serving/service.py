@@ -9,7 +9,7 @@ Endpoints (files are multipart form fields; see the README for curl and Python c
 ``POST /predict_batch``  ``images`` (the field repeated), ``k`` → one top-k list per image
 ``POST /saliency``     ``image``, ``target`` (index or class name; default the predicted
                        class), ``method`` (gradient|guided|gradcam|guided_gradcam),
-                       ``format`` (png|json) → the map over the model's input, or numbers
+                       ``format`` (png|json) → the map over the upload (at most 512 px), or numbers
 ``GET /metadata``      classes, input size, channels, model name and version, run id,
                        metrics, limits (also ``POST /metadata`` for BentoML clients)
 =====================  ===================================================================
@@ -23,7 +23,6 @@ Only onnxruntime, numpy and Pillow run here: never torch, mlflow or dvc.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -39,7 +38,6 @@ import numpy as np
 import prometheus_client
 from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument, ServiceUnavailable
 from bentoml.validators import ContentType
-from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -49,7 +47,8 @@ from starlette.routing import Route
 
 from pipeline.contract import ModelCard
 from pipeline.images import ImageError, open_image, preprocess
-from serving import store
+from serving import store, ui
+from serving.render import saliency_png
 
 log = logging.getLogger(__name__)
 
@@ -192,42 +191,6 @@ def load_image(path: Path, what: str, size: int, channels: int, settings: Settin
         raise ImageRejected(f"{what}: corrupt: {type(err).__name__}: {err}") from None
 
 
-# Five anchors of matplotlib's "inferno" (black → purple → orange → pale yellow): readable in grey print.
-INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
-
-
-def colorize(heat: np.ndarray) -> np.ndarray:
-    """H×W values in [0, 1] → H×W×3 uint8 colours (a 5-anchor inferno, linearly interpolated)."""
-    stops = np.linspace(0.0, 1.0, len(INFERNO))
-    rgb = [np.interp(np.clip(heat, 0, 1), stops, INFERNO[:, c]) for c in range(3)]
-    return np.rint(np.stack(rgb, axis=-1)).astype(np.uint8)
-
-
-def overlay_png(image: np.ndarray, heat: np.ndarray, strength: float = 0.7) -> bytes:
-    """The model's input (C×H×W uint8) with ``heat`` (H×W in [0, 1]) blended over it, as PNG.
-
-    The blend weight follows the heat, so cold regions show the image and hot ones the colour.
-    """
-    base = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
-    base = base.transpose(1, 2, 0).astype(np.float64)
-    weight = strength * np.clip(heat, 0, 1)[..., None]
-    blended = (1 - weight) * base + weight * colorize(heat)
-    buffer = io.BytesIO()
-    Image.fromarray(np.rint(blended).astype(np.uint8)).save(buffer, "PNG")  # H×W×3 uint8: RGB
-    return buffer.getvalue()
-
-
-def display_heat(heat: np.ndarray, percentile: float = 99.0) -> np.ndarray:
-    """``heat`` (H×W in [0, 1]) rescaled for the eye: divided by its ``percentile`` and clipped.
-
-    Gradient maps are spiky: a handful of pixels hold the maximum and, scaled by it, the rest
-    of the map is invisible. Clipping the top 1% (as Captum's ``visualize_image_attr`` does with
-    ``outlier_perc``) shows where the mass is. The JSON answer keeps the unclipped map.
-    """
-    ceiling = float(np.percentile(heat, percentile))
-    return np.clip(heat / ceiling, 0, 1) if ceiling > 0 else heat
-
-
 def reduce_map(maps: np.ndarray) -> tuple[np.ndarray, float]:
     """C×H×W or H×W saliency → H×W in [0, 1] (max |value| over channels), and the divisor used."""
     heat = np.abs(maps).max(axis=0) if maps.ndim == 3 else np.abs(maps)
@@ -291,7 +254,7 @@ async def _get_metadata(_: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().info.model_dump())
 
 
-@bentoml.asgi_app(Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"])]), path="/")
+@bentoml.asgi_app(Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]), *ui.routes()]), path="/")
 @bentoml.service(
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
     workers=SETTINGS.workers,
@@ -306,6 +269,7 @@ class Classifier:
 
     def __init__(self) -> None:
         model_dir = store.resolve_model_dir()
+        self.model_dir = model_dir  # the web UI reads the bundled examples from it (serving/ui.py)
         self.session = onnx_session(model_dir / "classifier.onnx", SETTINGS.threads)
         self.saliency_session = onnx_session(model_dir / "saliency.onnx", SETTINGS.threads)
         provider = self.session.get_providers()[0]
@@ -374,9 +338,11 @@ class Classifier:
     ) -> Annotated[Path, ContentType("image/png")]:
         """Where the model looks: ``method``'s map for ``target``, over the input as the model saw it.
 
-        ``png``: the preprocessed image with the map as a heat overlay, its top 1% clipped so
-        a few extreme pixels do not hide the rest (headers ``X-Target``, ``X-Prediction``);
-        ``json``: the map as numbers (H×W in [0, 1], divided by its maximum) and the prediction.
+        ``png``: the map as a heat overlay on the upload's centre square at the upload's own
+        resolution (at most 512 px, :mod:`serving.render`), its top 1% clipped so a few extreme
+        pixels do not hide the rest (headers ``X-Target``, ``X-Prediction``);
+        ``json``: the map at the model's input size as numbers (H×W in [0, 1], divided by its
+        maximum) and the prediction.
         """
         index = self._target_index(target)
         array = await self._load(image, "image")
@@ -395,7 +361,7 @@ class Classifier:
                                map=np.round(heat, 4).tolist())
             return JSONResponse(body.model_dump())
         headers = {"X-Target": explained.label, "X-Prediction": top.label, "X-Method": method}
-        png = await asyncio.to_thread(overlay_png, array, display_heat(heat))
+        png = await asyncio.to_thread(saliency_png, image, heat, self.channels, SETTINGS.max_pixels)
         return Response(png, media_type="image/png", headers=headers)
 
     @bentoml.api(route="/metadata")

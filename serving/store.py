@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, SALIENCY_FILE, ContractError, ModelCard
+from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ContractError, ModelCard
 
 MODEL_NAME = "cnn-classifier"
 DEFAULT_SPEC = f"{MODEL_NAME}:latest"
@@ -150,6 +150,8 @@ def import_export(export_dir: str | Path, alias: str = "", tag_version: str | No
     with bentoml.models.create(name=name, labels=labels, metadata=card.model_dump()) as model:
         for file in DEPLOYABLE_FILES:
             shutil.copy2(export_dir / file, Path(model.path) / file)
+        if (export_dir / EXAMPLES_FILE).exists():  # optional: the web UI's bundled test images
+            shutil.copy2(export_dir / EXAMPLES_FILE, Path(model.path) / EXAMPLES_FILE)
     return str(model.tag)
 
 

@@ -120,8 +120,18 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
     assert compare.main([*args, "--runs", "nope"]) == 1
     assert "'nope'" in capsys.readouterr().err
 
+    # `make serve` before any promotion: the latest export, and it says so.
+    source = ["serve-source", "--champion-out", str(tmp_path / "served"), "--export", str(repo / "artifacts/export")]
+    assert compare.main([*source, *args]) == 0
+    chosen = capsys.readouterr()
+    assert chosen.out.strip() == str(repo / "artifacts/export") and "no 'champion'" in chosen.err
+
     assert compare.main(["promote", "--run", "fast", *args]) == 0
     assert "now 'champion'" in capsys.readouterr().out
+    assert compare.main([*source, *args]) == 0  # ... and after it, the champion from the registry
+    chosen = capsys.readouterr()
+    assert chosen.out.strip() == str(tmp_path / "served") and "serving the champion" in chosen.err
+    assert ModelCard.read(tmp_path / "served").mlflow_run_id == runs["fast"].info.run_id
     assert compare.promote_main(["--run", "slow", *args]) == 1
     refused = capsys.readouterr().err
     assert "refusing" in refused and f"{fast:.4f}" in refused and f"{slow:.4f}" in refused
@@ -136,7 +146,12 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
     card = ModelCard.read(out)
     assert card.mlflow_run_id == runs["slow"].info.run_id and card.version == str(champion.version)
     card.verify_files(out)  # the registered pair, byte for byte, as the export stage hashed it
-    assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "model_card.json", "saliency.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "examples.npz", "model_card.json",
+                                                     "saliency.onnx"]
+    with np.load(out / "examples.npz") as examples:  # the UI's examples: test images of the run's own data
+        assert examples["images"].shape[1:] == (card.channels, card.image_size, card.image_size)
+        labels = list(examples["labels"])  # one per class present in the test split, in class order
+        assert labels and labels == sorted(set(labels)) and max(labels) < len(card.classes)
 
 
 def _queue_idle(repo: Path, env: dict[str, str]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -114,3 +115,38 @@ def test_changing_a_param_reruns_its_stage(repo: Path):
         params.write_text(original)
         sh(repo, "dvc", "repro", "preprocess")  # back to the fixture's outputs (from the run cache)
     assert json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())["image_size"] == 32
+
+
+def _vega_encodings(spec: dict) -> dict:
+    """The x/y/color encodings of a rendered Vega-Lite spec (faceted ones keep them under ``spec``)."""
+    return (spec.get("spec") or spec)["encoding"]
+
+
+@pytest.mark.slow
+def test_dvc_plots_one_titled_chart_per_quantity(repo: Path):
+    done = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=tool_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    charts = {name: renders[0] for name, renders in shown["data"].items()}
+    vega = {name: chart["content"] for name, chart in charts.items() if chart["type"] == "vega"}
+    # One chart per quantity: nothing per raw file (that gave a stray learning-rate-against-"step" chart).
+    assert set(vega) == {"loss", "accuracy", "confusion", "recall", "precision"}
+    assert {name for name, chart in charts.items() if chart["type"] == "image"} == {
+        "artifacts/train/training_curves.png", "artifacts/eval/confusion_matrix.png"}
+    for name, spec in vega.items():
+        encoding = _vega_encodings(spec)
+        assert spec["title"]["text"], name
+        assert encoding["x"]["title"] and encoding["y"]["title"] not in ("", "y", "step"), (name, encoding)
+    for name, curves, axis in (("loss", {"train_loss", "val_loss"}, "loss"),
+                               ("accuracy", {"train_accuracy", "val_top1", "val_top5"}, "accuracy")):
+        encoding = vega[name]["encoding"]
+        assert (encoding["x"]["field"], encoding["x"]["title"], encoding["y"]["title"]) == ("epoch", "epoch", axis)
+        assert encoding["color"] == {"field": "field", "type": "nominal", "title": "curve"}  # colour + legend
+        assert {row["field"] for row in vega[name]["data"]["values"]} == curves  # no lr among them
+    # Like artifacts/eval/confusion_matrix.png: actual classes down the rows, predicted across.
+    confusion = _vega_encodings(vega["confusion"])
+    assert (confusion["x"]["field"], confusion["y"]["field"]) == ("predicted", "actual")
+    assert (confusion["x"]["title"], confusion["y"]["title"]) == ("predicted", "actual")
+    assert {row["class"] for row in vega["recall"]["data"]["values"]} == {"c0", "c1", "c2"}

@@ -1,0 +1,74 @@
+"""Saliency maps as pictures: the heat colour-mapped and blended over the image.
+
+The PNG answer of ``POST /saliency`` is drawn over the upload as preprocessing sees it (EXIF
+orientation, the model's channels, the centre square) at the upload's own resolution, capped at
+:data:`MAX_SIDE` pixels: a 32×32 model still gives a picture a person can read. The map itself
+stays at the model's resolution (``format=json``) and is only resampled for the picture.
+numpy and Pillow only; the colours come from :mod:`pipeline.colormap`, like the evaluation figures.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from pipeline.colormap import colorize
+from pipeline.images import Source, crop_resize, decode, to_array
+
+MAX_SIDE = 512  # longest side of a PNG answer; smaller uploads keep their own size
+STRENGTH = 0.7  # blend weight of the hottest pixels (cold ones show the image)
+
+
+def display_heat(heat: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """``heat`` (H×W in [0, 1]) rescaled for the eye: divided by its ``percentile`` and clipped.
+
+    Gradient maps are spiky: a handful of pixels hold the maximum and, scaled by it, the rest
+    of the map is invisible. Clipping the top 1% (as Captum's ``visualize_image_attr`` does with
+    ``outlier_perc``) shows where the mass is. The JSON answer keeps the unclipped map.
+    """
+    ceiling = float(np.percentile(heat, percentile))
+    return np.clip(heat / ceiling, 0, 1) if ceiling > 0 else heat
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray, strength: float = STRENGTH) -> bytes:
+    """``image`` (C×H×W uint8) with ``heat`` (H×W in [0, 1], same H×W) blended over it, as PNG.
+
+    The blend weight follows the heat, so cold regions show the image and hot ones the colour.
+    """
+    base = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
+    base = base.transpose(1, 2, 0).astype(np.float64)
+    weight = strength * np.clip(heat, 0, 1)[..., None]
+    blended = (1 - weight) * base + weight * colorize(heat)
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(blended).astype(np.uint8)).save(buffer, "PNG")  # H×W×3 uint8: RGB
+    return buffer.getvalue()
+
+
+def display_side(short_side: int, model_size: int, max_side: int = MAX_SIDE) -> int:
+    """The PNG's side: the upload's shorter side, capped at ``max_side``, never below the model's input."""
+    return max(model_size, min(short_side, max_side))
+
+
+def upload_square(source: Source, channels: int, model_size: int, max_pixels: int,
+                  max_side: int = MAX_SIDE) -> np.ndarray:
+    """The upload as preprocessing crops it (oriented, ``channels``, centre square), C×S×S uint8 with
+    S = :func:`display_side`: :func:`pipeline.images.preprocess` without the resize to the model's size."""
+    image = decode(source, max_side, channels, max_pixels)  # JPEG draft keeps both sides >= max_side
+    return to_array(crop_resize(image, display_side(min(image.size), model_size, max_side)))
+
+
+def resample_heat(heat: np.ndarray, side: int) -> np.ndarray:
+    """An H×W map in [0, 1] bilinearly resampled to side×side (float32, still in [0, 1])."""
+    if heat.shape == (side, side):
+        return heat.astype(np.float32)
+    image = Image.fromarray(np.ascontiguousarray(heat, dtype=np.float32))  # mode F
+    return np.clip(np.asarray(image.resize((side, side), Image.Resampling.BILINEAR)), 0, 1)
+
+
+def saliency_png(source: Source, heat: np.ndarray, channels: int, max_pixels: int,
+                 max_side: int = MAX_SIDE) -> bytes:
+    """The PNG answer: ``heat`` (the model-resolution map in [0, 1]) over the upload's centre square."""
+    square = upload_square(source, channels, heat.shape[0], max_pixels, max_side)
+    return overlay_png(square, resample_heat(display_heat(heat), square.shape[-1]))
