@@ -71,10 +71,13 @@ class RequestGuard:
         app: the inner ASGI app.
         settings: limits (per-replica ones are split over ``settings.workers``).
         api_paths: the POST routes that do work (admission control applies to them only).
+        allow: the methods of paths served by more than one route (``/metadata``: GET and POST),
+            for the ``Allow`` header of a 405, which Starlette fills from the first route alone.
     """
 
-    def __init__(self, app, settings: Settings, api_paths: Iterable[str]) -> None:
+    def __init__(self, app, settings: Settings, api_paths: Iterable[str], allow: dict[str, str] | None = None) -> None:
         self.app, self.settings, self.api_paths = app, settings, frozenset(api_paths)
+        self.allow = allow or {}
         self.max_working = settings.per_worker(settings.max_concurrency)
         self.max_receiving = settings.per_worker(settings.max_uploads)
         self.working = 0
@@ -83,7 +86,7 @@ class RequestGuard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = _ErrorShaper(send, scope)
+        send = _ErrorShaper(send, scope, self.allow.get(scope["path"]))
         try:
             if scope["method"] == "POST" and scope["path"] in self.api_paths:
                 await self._admit(scope, receive, send)
@@ -182,8 +185,8 @@ def _replay(body: bytes, receive):
 class _ErrorShaper:
     """Wraps ``send``: every 4xx and 5xx answer becomes ``{"error": "..."}`` JSON; 503s get Retry-After."""
 
-    def __init__(self, send, scope) -> None:
-        self.send, self.scope = send, scope
+    def __init__(self, send, scope, allow: str | None = None) -> None:
+        self.send, self.scope, self.allow = send, scope, allow
         self.start: dict | None = None
         self.body = b""
 
@@ -199,8 +202,10 @@ class _ErrorShaper:
         start, self.start = self.start, None
         status = start["status"]
         error = self._message(status, start)
-        keep = [(k, v) for k, v in start["headers"]
-                if k.lower() not in (b"content-length", b"content-type", b"retry-after")]
+        drop = (b"content-length", b"content-type", b"retry-after", *((b"allow",) if self.allow else ()))
+        keep = [(k, v) for k, v in start["headers"] if k.lower() not in drop]
+        if status == 405 and self.allow:
+            keep.append((b"allow", self.allow.encode()))
         for out in json_response_messages(status, error, keep):
             await self.send(out)
 
@@ -224,7 +229,7 @@ class _ErrorShaper:
         if status == 404:
             return f"path: no such endpoint: {method} {path}"
         if status == 405:
-            allow = dict(start["headers"]).get(b"allow", b"").decode()
+            allow = self.allow or dict(start["headers"]).get(b"allow", b"").decode()
             return f"method: {method} not allowed on {path}" + (f"; allowed: {allow}" if allow else "")
         text = self.body.decode("utf-8", "replace").strip()[:200]
         return text or HTTPStatus(status).phrase

@@ -71,9 +71,10 @@ def contract_spec(base: dict[str, Any], classes: list[str], settings: Settings, 
         operation["responses"] = {"200": ok, **_errors(statuses)}
         body = operation.get("requestBody")
         if body:
-            body["required"] = True
             for media in body.get("content", {}).values():
                 _tighten_fields(media.get("schema", {}), classes, settings)
+            # /metadata takes no field: an empty body is as good as {} (BentoML's client sends none)
+            body["required"] = any(media.get("schema", {}).get("required") for media in body["content"].values())
     if "/saliency" in paths:
         png = paths["/saliency"]["post"]["responses"]["200"]
         png["description"] = "format=png: the overlay (headers X-Target, X-Prediction, X-Method); format=json: numbers"
@@ -98,6 +99,9 @@ def contract_spec(base: dict[str, Any], classes: list[str], settings: Settings, 
 def _tighten_fields(schema: dict[str, Any], classes: list[str], settings: Settings) -> None:
     props = schema.get("properties", {})
     schema["additionalProperties"] = False
+    for name in ("image", "images"):  # an empty upload is not an image: 400, like a missing one
+        if name in props:
+            (props[name].get("items") or props[name])["minLength"] = 1
     if "k" in props:
         props["k"].update({"type": "integer", "minimum": 1, "maximum": 1000})
     if "images" in props:

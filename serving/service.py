@@ -487,7 +487,8 @@ class Classifier:
 
 forms.install(SETTINGS)
 guard.install(SETTINGS, guard.path_labeller(LABELLED_PATHS, ["/static_content/"]))
-Classifier.add_asgi_middleware(guard.RequestGuard, settings=SETTINGS, api_paths=API_PATHS)
+Classifier.add_asgi_middleware(guard.RequestGuard, settings=SETTINGS, api_paths=API_PATHS,
+                               allow={"/metadata": "GET, POST"})
 
 
 class ClientErrorsAsWarnings(logging.Filter):
