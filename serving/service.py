@@ -141,26 +141,31 @@ def _rejected(what: str, err: ImageError) -> ImageRejected:
     return ImageRejected(f"{what}: {err.reason}: {message}", error_code=REASON_STATUS[err.reason])
 
 
-def read_upload(path: Path, what: str, settings: Settings = SETTINGS) -> tuple[bytes, int]:
-    """An upload's bytes and its pixel count from the header (no pixel decoding), or a 4xx exception.
+def check_upload(data: bytes, what: str, settings: Settings = SETTINGS) -> int:
+    """The pixel count of an upload from its header (no pixel decoding), or a 4xx exception.
 
     Refuses what is not an allowed format (415), too many pixels (413), too small a side (422).
     """
-    size = path.stat().st_size
-    if size > settings.max_bytes:
-        raise PayloadTooLarge(f"{what}: {size} bytes, over the limit of {settings.max_bytes}")
-    data = path.read_bytes()
     try:
         header = open_image(data, settings.max_pixels, ALLOWED_FORMATS)
         if min(header.size) < settings.min_side:
             raise ImageError(
                 "too_small", f"{header.size[0]}x{header.size[1]}: both sides must be >= {settings.min_side} px"
             )
-        return data, header.size[0] * header.size[1]
+        return header.size[0] * header.size[1]
     except ImageError as err:
         raise _rejected(what, err) from None
     except Exception as err:  # noqa: BLE001 - whatever a decoder raises on a hostile header is a bad image
         raise ImageRejected(f"{what}: corrupt: {type(err).__name__}: {err}"[:500]) from None
+
+
+def read_upload(path: Path, what: str, settings: Settings = SETTINGS) -> tuple[bytes, int]:
+    """An upload's bytes and its pixel count (:func:`check_upload`), or a 4xx exception."""
+    size = path.stat().st_size
+    if size > settings.max_bytes:
+        raise PayloadTooLarge(f"{what}: {size} bytes, over the limit of {settings.max_bytes}")
+    data = path.read_bytes()
+    return data, check_upload(data, what, settings)
 
 
 def decode_upload(data: bytes, what: str, size: int, channels: int, settings: Settings = SETTINGS) -> np.ndarray:
