@@ -176,7 +176,7 @@ def install(settings: Settings) -> None:
                 raise FieldError(f"body: malformed form data: {type(err).__name__}") from None
             items = []
             for name, value in form.multi_items():
-                if isinstance(value, str):
+                if isinstance(value, str) and name not in cls.multipart_fields:  # text in a file field: 400 below
                     value = _decode_text(name, value, settings.max_field_chars)
                 items.append((name, value))
             data = check_fields(cls, items, settings, api)
