@@ -125,8 +125,10 @@ class Record:
                 "ok %": 100 * len(ok) / max(1, len(self.samples))}
 
 
-async def client(host: str, port: int, requests: list[bytes], until: float, record: Record, offset: int) -> None:
-    """One keep-alive connection sending ``requests`` in turn until ``until`` (no pause, like wrk)."""
+async def client(host: str, port: int, requests: list[bytes], until: float, record: Record, offset: int,
+                 polite: bool = False) -> None:
+    """One keep-alive connection sending ``requests`` in turn until ``until``: no pause (like wrk),
+    or, ``polite``, waiting the Retry-After of a 503 as a well-behaved client would."""
     reader = writer = None
     i = offset
     while time.perf_counter() < until:
@@ -142,9 +144,12 @@ async def client(host: str, port: int, requests: list[bytes], until: float, reco
             length = re.search(rb"(?i)content-length:\s*(\d+)", head)
             await reader.readexactly(int(length.group(1)) if length else 0)
             close = b"connection: close" in head.lower()
+            retry = re.search(rb"(?i)retry-after:\s*(\d+)", head) if polite and status == 503 else None
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
             status = 0
         record.samples.append((status, (time.perf_counter() - t0) * 1e3))
+        if status == 503 and polite and retry:
+            await asyncio.sleep(min(float(retry.group(1)), max(0.0, until - time.perf_counter())))
         if close and writer is not None:
             writer.close()
             writer = None
@@ -174,7 +179,34 @@ async def slow_uploader(host: str, port: int, until: float, outcomes: Counter) -
         outcomes["connection error"] += 1
 
 
-def run_load(url: str, groups: list[tuple[int, list[bytes]]], duration: float, slow: int = 0) -> tuple:
+def server_cpu_s(server: LocalServer) -> float:
+    """CPU seconds used so far by the server's process tree: unlike wall time, its ratio between
+    configurations holds on a machine shared with other work."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def measured(server: LocalServer, groups: list[tuple[int, list[bytes]]], duration: float, **kwargs) -> tuple:
+    """:func:`run_load`, the first group's row carrying the server's CPU ms per answered request."""
+    before = server_cpu_s(server)
+    records, outcomes = run_load(server.url, groups, duration, **kwargs)
+    rows = [record.row() for record in records]
+    answered = sum(n for row in rows for status, n in row["statuses"].items() if status)
+    rows[0]["cpu ms"] = 1e3 * (server_cpu_s(server) - before) / answered if answered else float("nan")
+    return rows, outcomes
+
+
+def run_load(url: str, groups: list[tuple[int, list[bytes]]], duration: float, slow: int = 0,
+             polite: bool = False) -> tuple:
     """Run each group of ``(clients, requests)`` for ``duration`` s; a Record per group, slow outcomes."""
     host, port = url.removeprefix("http://").split(":")
 
@@ -185,7 +217,7 @@ def run_load(url: str, groups: list[tuple[int, list[bytes]]], duration: float, s
         tasks = [slow_uploader(host, int(port), until + 30, outcomes) for _ in range(slow)]
         for record, (count, requests) in zip(records, groups, strict=True):
             record.start = time.perf_counter()
-            tasks += [client(host, int(port), requests, until, record, i) for i in range(count)]
+            tasks += [client(host, int(port), requests, until, record, i, polite) for i in range(count)]
         await asyncio.gather(*tasks)
         for record in records:
             record.end = until
@@ -233,6 +265,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measured run")
     parser.add_argument("--clients", type=int, default=32, help="clients for the configuration table")
     parser.add_argument("--ladder", default="1,8,32,128,512", help="client counts of the overload ladder")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the configuration table")
     args = parser.parse_args()
     if not (args.model_dir / "classifier.onnx").is_file():
         print(f"error: {args.model_dir}/classifier.onnx not found (run `python -m pipeline.export`)", file=sys.stderr)
@@ -263,24 +296,31 @@ def main() -> int:
     table1 = ceilings()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as home:
         servers = Servers(args.model_dir, Path(home))
-        for name, env in configs.items():
-            print(f"table 1: {name} ...", flush=True)
-            server = servers.start(**env)
-            try:
-                run_load(server.url, [(args.clients, requests)], 2)  # warm-up, and the batcher's calibration
-                table1[name] = run_load(server.url, [(args.clients, requests)], d)[0][0].row()
-            finally:
-                server.stop()
+        # Rounds in alternating order, the best of each configuration counts: on a shared
+        # machine a neighbour's burst otherwise decides which configuration "wins".
+        order = list(configs)
+        for round_ in range(args.rounds):
+            for name in order if round_ % 2 == 0 else order[::-1]:
+                print(f"table 1, round {round_ + 1}: {name} ...", flush=True)
+                server = servers.start(**configs[name])
+                try:
+                    run_load(server.url, [(args.clients, requests)], 2)  # warm-up, and the batcher's calibration
+                    row = measured(server, [(args.clients, requests)], d)[0][0]
+                finally:
+                    server.stop()
+                row["rounds"] = [*table1.get(name, {}).get("rounds", []), round(row["ok/s"], 1)]
+                table1[name] = max(table1.get(name, row), row, key=lambda r: r["ok/s"]) | {"rounds": row["rounds"]}
         for name, row in ceilings().items():  # the better of the two ceilings counts (shared machine)
             table1[name] = max(table1[name], row, key=lambda r: r["ok/s"])
 
         server = servers.start()
         try:
             run_load(server.url, [(8, requests)], 2)
-            ladder = {}
+            ladder, polite = {}, {}
             for count in [int(c) for c in args.ladder.split(",")]:
                 print(f"table 2: {count} clients ...", flush=True)
-                ladder[count] = run_load(server.url, [(count, requests)], d)[0][0].row()
+                ladder[count] = measured(server, [(count, requests)], d)[0][0]
+                polite[count] = measured(server, [(count, requests)], d, polite=True)[0][0]
             print("table 3: slow uploaders ...", flush=True)
             alone = run_load(server.url, [(8, requests)], d)[0][0].row()
             (beside,), slow_outcomes = run_load(server.url, [(8, requests)], max(d, 25), slow=128)
@@ -293,20 +333,24 @@ def main() -> int:
             server.stop()
     print(f"load average after the runs: {os.getloadavg()[0]:.1f}")
 
-    keys = ["ok/s", "p50", "p99"]
+    keys = ["ok/s", "p50", "p99", "cpu ms"]
     ceiling_rps = table1["in-process loop, batch 1"]["ok/s"]
     best = max((name for name in configs), key=lambda n: table1[n]["ok/s"])
-    print(f"\nTable 1: /predict at {args.clients} clients (ok/s = answers/s; ms)")
-    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'x loop':>9} {'x best':>9} statuses")
+    print(f"\nTable 1: /predict at {args.clients} clients (ok/s = answers/s; ms; cpu ms = the server's CPU time "
+          "per answer, the figure that holds on a shared machine)")
+    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'cpu ms':>9} {'x loop':>9} {'x best':>9} "
+          "ok/s per round; statuses")
     for name, row in table1.items():
         ratio_best = f"{row['ok/s'] / table1[best]['ok/s']:9.2f}" if name in configs else " " * 9
-        print(f"{name:40} {fmt(row, keys)} {row['ok/s'] / ceiling_rps:9.2f} {ratio_best} {row.get('statuses', '')}")
+        print(f"{name:40} {fmt(row, keys)} {row['ok/s'] / ceiling_rps:9.2f} {ratio_best} "
+              f"{row.get('rounds', '')} {row.get('statuses', '')}")
 
-    print("\nTable 2: overload ladder on the defaults (clients never pause; ms)")
-    ladder_keys = ["attempts/s", "ok/s", "p50", "p99", "503 p50", "503 p99"]
-    print(f"{'clients':>8} " + " ".join(f"{k:>9}" for k in ladder_keys) + " statuses")
-    for count, row in ladder.items():
-        print(f"{count:8d} {fmt(row, ladder_keys)} {row['statuses']}")
+    ladder_keys = ["attempts/s", "ok/s", "p50", "p99", "503 p50", "503 p99", "cpu ms"]
+    for title, table in (("clients never pause", ladder), ("clients wait Retry-After after a 503", polite)):
+        print(f"\nTable 2: overload ladder on the defaults ({title}; ms)")
+        print(f"{'clients':>8} " + " ".join(f"{k:>9}" for k in ladder_keys) + " statuses")
+        for count, row in table.items():
+            print(f"{count:8d} {fmt(row, ladder_keys)} {row['statuses']}")
 
     print("\nTable 3: 8 normal clients, alone and beside 128 uploaders sending 1 byte/s")
     print(f"{'':34} {'ok %':>9} {'ok/s':>9} {'p50':>9} {'p99':>9} statuses")
@@ -322,7 +366,8 @@ def main() -> int:
     print(f"{'the batch client':34} {fmt(batch_b, ['ok %', 'ok/s', 'p50', 'p99'])} {batch_b['statuses']}")
 
     all_statuses = Counter()
-    for row in [*(table1[n] for n in configs), *ladder.values(), alone, beside, alone_b, normal_b, batch_b]:
+    for row in [*(table1[n] for n in configs), *ladder.values(), *polite.values(), alone, beside, alone_b, normal_b,
+                batch_b]:
         all_statuses.update(row["statuses"])
     peak = max(row["ok/s"] for row in ladder.values())
     top = ladder[max(ladder)]
@@ -344,9 +389,9 @@ def main() -> int:
     print("\nTargets (issue 10):")
     for name, met, figure in targets:
         print(f"  {'met   ' if met else 'MISSED'} {name}: {figure}")
-    print(json.dumps({"table1": table1, "ladder": ladder, "slow": {"alone": alone, "beside": beside,
-                      "outcomes": dict(slow_outcomes)}, "batch": {"alone": alone_b, "beside": normal_b,
-                      "batch": batch_b}}, default=str))
+    print(json.dumps({"table1": table1, "ladder": ladder, "polite_ladder": polite,
+                      "slow": {"alone": alone, "beside": beside, "outcomes": dict(slow_outcomes)},
+                      "batch": {"alone": alone_b, "beside": normal_b, "batch": batch_b}}, default=str))
     return 0
 
 
