@@ -227,7 +227,9 @@ class _ErrorShaper:
             error = "; ".join(parts) or error
         path, method = self.scope.get("path", ""), self.scope.get("method", "")
         if status == 503 and (not isinstance(error, str) or "overloaded" not in error):
-            return f"overloaded: {error or 'service unavailable'}; retry after {RETRY_AFTER_S} s"
+            # BentoML words every 5xx as "An unexpected error has occurred": here only its batch
+            # queue answers 503 (a request waited past SERVING_MAX_LATENCY_MS), which is overload
+            return f"overloaded: the service is busy (SERVING_MAX_LATENCY_MS); retry after {RETRY_AFTER_S} s"
         if isinstance(error, str) and error:
             return error
         if status == 404:
