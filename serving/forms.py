@@ -9,16 +9,16 @@ temporary file after the client's filename (250 bytes → "File name too long").
 * refuses unknown, repeated or missing fields and text where a file belongs (never fetched),
   with a 400 whose message starts with the field's name;
 * caps text fields at ``max_field_chars`` characters before decoding them;
-* puts each upload in an anonymous in-memory file (``memfd``) and hands the API its
-  ``/proc/self/fd`` path: the client's filename is never used, nothing is written to disk and
-  nothing outlives a killed worker (:mod:`serving.guard` closes the descriptors after the answer).
+* keeps each upload in memory and hands the API a placeholder path that names it in this
+  process's :data:`UPLOADS` (under ``/dev/null/``, which no file can be under): the client's
+  filename is never used, nothing is written to disk, so nothing outlives a killed worker, and
+  no system call is spent per upload (:mod:`serving.guard` drops the entries after the answer).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import tempfile
 from http import HTTPStatus
 from pathlib import PurePath
 from typing import Any
@@ -31,7 +31,10 @@ from starlette.exceptions import HTTPException
 from serving.settings import Settings
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-UPLOADS_KEY = "serving.upload_fds"  # scope key: descriptors to close once the answer is sent
+UPLOADS_KEY = "serving.uploads"  # scope key: the UPLOADS entries of a request, dropped after the answer
+UPLOAD_DIR = PurePath("/dev/null")  # a file, so no path under it exists on any disk
+UPLOADS: dict[str, bytes] = {}  # placeholder path → the upload's bytes, for the requests in progress
+_numbers = itertools.count()
 
 
 class FieldError(BadInput):
@@ -53,28 +56,22 @@ def describe_validation(err: ValidationError) -> str:
 
 
 def _upload_path(scope: dict, data: bytes) -> PurePath:
-    """``data`` in an anonymous file of this process, as a path the API can open."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("upload", os.MFD_CLOEXEC)
-    else:  # not Linux: an unlinked temporary file (still no name left behind)
-        handle = tempfile.TemporaryFile()
-        fd = os.dup(handle.fileno())
-        handle.close()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    scope.setdefault(UPLOADS_KEY, []).append(fd)  # serving.guard closes them after the answer
-    return PurePath(f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}")
+    """``data`` kept in :data:`UPLOADS` under a placeholder path the API hands to :func:`upload_bytes`."""
+    path = UPLOAD_DIR / f"upload-{next(_numbers)}"
+    UPLOADS[str(path)] = data
+    scope.setdefault(UPLOADS_KEY, []).append(str(path))
+    return path
+
+
+def upload_bytes(path: PurePath) -> bytes | None:
+    """The bytes of an upload of a request in progress, or None for any other path."""
+    return UPLOADS.get(str(path))
 
 
 def close_uploads(scope: dict) -> None:
-    """Close the upload descriptors of a finished request."""
-    fds = scope.pop(UPLOADS_KEY, None) or []
-    while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
+    """Forget the uploads of a finished request."""
+    for key in scope.pop(UPLOADS_KEY, None) or ():
+        UPLOADS.pop(key, None)
 
 
 def _decode_text(name: str, value: str, limit: int) -> Any:

@@ -160,11 +160,14 @@ def check_upload(data: bytes, what: str, settings: Settings = SETTINGS) -> int:
 
 
 def read_upload(path: Path, what: str, settings: Settings = SETTINGS) -> tuple[bytes, int]:
-    """An upload's bytes and its pixel count (:func:`check_upload`), or a 4xx exception."""
-    size = path.stat().st_size
+    """An upload's bytes (kept in memory by :mod:`serving.forms`, or a file for in-process
+    callers) and its pixel count (:func:`check_upload`), or a 4xx exception."""
+    data = forms.upload_bytes(path)
+    size = len(data) if data is not None else path.stat().st_size
     if size > settings.max_bytes:
         raise PayloadTooLarge(f"{what}: {size} bytes, over the limit of {settings.max_bytes}")
-    data = path.read_bytes()
+    if data is None:
+        data = path.read_bytes()
     return data, check_upload(data, what, settings)
 
 
@@ -182,7 +185,7 @@ def load_image(path: Path, what: str, size: int, channels: int, settings: Settin
     """An uploaded file → uint8 C×H×W via :func:`pipeline.images.preprocess`, or a 4xx exception.
 
     Args:
-        path: the upload (an in-memory file, see :mod:`serving.forms`).
+        path: the upload (kept in memory, see :mod:`serving.forms`) or a file.
         what: how error messages name it (``image``, ``images[2]``).
         size, channels: the model's input.
         settings: the limits.
