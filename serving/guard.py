@@ -333,6 +333,22 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse (headers over 16 KiB, a bad request
+        line), as JSON like every other error; uvicorn's own is plain text."""
+        body = json.dumps({"error": f"request: not valid HTTP/1.1 ({msg.rstrip('.')})"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        try:
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:  # h11 cannot answer in its state: send the bytes ourselves
+            head = (f"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                    f"content-length: {len(body)}\r\n\r\n").encode()
+            self.transport.write(head + body)
+        self.transport.close()
+
     def _header_timeout(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():

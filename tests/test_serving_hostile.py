@@ -295,6 +295,24 @@ def test_f08_slow_headers_are_cut_off(server: LocalServer) -> None:
     assert elapsed < 30  # closed after the 2 s deadline, long before the 75 s the slow client wanted
 
 
+@pytest.mark.timeout(60)
+def test_f08_requests_that_are_not_http_get_a_json_400(server: LocalServer) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    big = b"POST /predict HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 40_000  # header block over h11's 16 KiB
+    for parts in ([b"NOT HTTP AT ALL\r\n\r\n"], [b"GET / HTTP/1.1\r\nno colon here\r\n\r\n"],
+                  [big[:20_000], big[20_000:]]):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            for part in parts:  # in pieces, so the server holds an incomplete header block
+                sock.sendall(part)
+                time.sleep(0.3)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, answer[:300]
+        assert json.loads(body)["error"].startswith("request: not valid HTTP/1.1")
+
+
 # ----------------------------------------------------------------------------- 9. overload
 @pytest.mark.timeout(120)
 def test_f09_overload_is_503_with_retry_after_before_the_body_is_read(server: LocalServer, http: httpx.Client
