@@ -4,6 +4,10 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 PORT ?= 3000
+# No usage tracking from anything this Makefile starts (BentoML, MLflow, and tools honouring DO_NOT_TRACK).
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
 
 .PHONY: setup data run test lint serve serve-champion bench clean
 

@@ -1,32 +1,37 @@
-"""Serving throughput: ``bentoml serve`` under load against the in-process ceiling.
+"""Serving under load: throughput against the in-process ceiling, configurations, overload,
+slow uploaders and a maximum-size batch, every figure next to a baseline from the same run.
 
-    python bench/serve.py [--model-dir artifacts/export] [--requests 2000] [--clients 32]
+    python bench/serve.py [--model-dir artifacts/export] [--duration 6] [--clients 32]
 
-Both contenders classify the same encoded images (``--distinct`` files spread over
-``--images``, default ``data/``; synthetic PNGs if there is none):
+Tables (each a real ``bentoml serve`` on loopback, the load from one asyncio process with
+keep-alive connections and prebuilt requests, so the generator costs little CPU):
 
-  ceiling   one process, no HTTP: pipeline.images.preprocess + onnxruntime, one image at a
-            time (the loop a user would write), and the same with batches of 32; measured
-            before and after the servers, the better run counts (the machine may be shared)
-  service   ``bentoml serve serving.service:Classifier`` on loopback (``--workers`` processes),
-            ``--clients`` threads with keep-alive connections sending ``--requests`` multipart
-            POSTs to /predict, once with adaptive batching on and once with SERVING_BATCHING=0
+1. ``/predict`` at ``--clients`` clients for several configurations (the defaults, batching
+   off, 1 worker × all cores with onnxruntime spinning on and off, 2 workers × 1 thread with
+   spinning on, more decode threads) against the in-process ceiling (preprocess + onnxruntime
+   in a loop, measured before and after the servers: the better run counts on a shared machine).
+2. The overload ladder on the defaults: 1, 8, 32, 128, 512 clients that never pause, with
+   attempts/s, successes/s, p50/p99 of successes and of rejections, and status counts.
+3. 128 slow uploaders (1 byte/s) beside 8 normal clients, against the 8 alone.
+4. One client sending maximum-size batches (SERVING_MAX_FILES images totalling
+   SERVING_MAX_BATCH_PIXELS) beside 8 normal clients, against the 8 alone.
 
-The load generator shares the machine with the server, so the ratios are pessimistic.
+Then each target of issue 10, met or missed. The load generator shares the machine with the
+server, so absolute figures are pessimistic; the ratios compare runs made minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import io
 import json
 import os
 import re
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from pipeline import images  # noqa: E402
+from pipeline.cpus import usable_cpus  # noqa: E402
 from serving.local import LocalServer  # noqa: E402
+from serving.settings import Settings  # noqa: E402
+
+BOUNDARY = "bench-serve-boundary-7f3a9c"
 
 
 def load_images(folder: Path | None, count: int) -> list[bytes]:
@@ -79,141 +88,329 @@ def ceiling(model_dir: Path, blobs: list[bytes], count: int, batch: int) -> dict
         latencies.append((time.perf_counter() - t0) * 1e3)
     elapsed = time.perf_counter() - start
     done = (count + batch - 1) // batch * batch
-    return {"rps": done / elapsed, "p50": float(np.percentile(latencies, 50)),
-            "p99": float(np.percentile(latencies, 99)), "errors": 0}
+    return {"ok/s": done / elapsed, "p50": float(np.percentile(latencies, 50)),
+            "p99": float(np.percentile(latencies, 99))}
 
 
-BOUNDARY = "bench-serve-boundary-7f3a9c"
+def multipart(files: list[tuple[str, bytes]]) -> bytes:
+    parts = [(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="i.png"\r\n'
+              "Content-Type: application/octet-stream\r\n\r\n").encode() + blob + b"\r\n" for name, blob in files]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def multipart_body(blob: bytes) -> bytes:
-    """A ``multipart/form-data`` body with ``blob`` as the ``image`` field (built once per image)."""
-    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n")
-    return head.encode() + blob + f"\r\n--{BOUNDARY}--\r\n".encode()
+def http_request(path: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
 
 
-def load(url: str, blobs: list[bytes], requests: int, clients: int) -> dict:
-    """``requests`` POST /predict from ``clients`` threads; requests/s, latency percentiles, errors.
+class Record:
+    """Statuses and latencies (ms) of one load run; status 0 = a connection error."""
 
-    Each thread keeps one ``http.client`` connection and sends prebuilt bodies, like wrk or hey:
-    the generator shares the CPUs with the server, so it should cost as little as possible
-    (measured: 0.3 ms of CPU per request, against 2 to 2.8 ms with httpx building each upload).
-    """
-    host, port = url.removeprefix("http://").split(":")
-    bodies = [multipart_body(blob) for blob in blobs]
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-    latencies: list[float] = []
-    errors: list[str] = []
-    counter = iter(range(requests))
-    lock = threading.Lock()
+    def __init__(self) -> None:
+        self.samples: list[tuple[int, float]] = []
+        self.start = self.end = 0.0
 
-    def client() -> None:
-        connection = http.client.HTTPConnection(host, int(port), timeout=60)
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
-            t0 = time.perf_counter()
-            try:
-                connection.request("POST", "/predict", body=bodies[i % len(bodies)], headers=headers)
-                response = connection.getresponse()
-                text = response.read()
-                error = "" if response.status == 200 else f"{response.status} {text[:100]!r}"
-            except (OSError, http.client.HTTPException) as err:
-                error = f"{type(err).__name__}: {err}"
-                connection.close()  # reconnects on the next request
-            elapsed = (time.perf_counter() - t0) * 1e3
-            with lock:
-                latencies.append(elapsed)
-                if error:
-                    errors.append(error)
-        connection.close()
+    def row(self) -> dict:
+        elapsed = max(self.end - self.start, 1e-9)
+        ok = [ms for status, ms in self.samples if status == 200]
+        shed = [ms for status, ms in self.samples if status == 503]
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    return {"rps": requests / elapsed, "p50": float(np.percentile(latencies, 50)),
-            "p99": float(np.percentile(latencies, 99)), "errors": len(errors), "first_error": errors[:1]}
+        def pct(values: list[float], q: float) -> float:
+            return float(np.percentile(values, q)) if values else float("nan")
+
+        return {"attempts/s": len(self.samples) / elapsed, "ok/s": len(ok) / elapsed,
+                "gen lag p99": getattr(self, "lag_p99", float("nan")),
+                "p50": pct(ok, 50), "p99": pct(ok, 99), "503 p50": pct(shed, 50), "503 p99": pct(shed, 99),
+                "statuses": dict(sorted(Counter(status for status, _ in self.samples).items())),
+                "ok %": 100 * len(ok) / max(1, len(self.samples))}
 
 
-def batch_sizes(url: str) -> float:
-    """Mean images per onnxruntime call of /predict, from the server's Prometheus metrics."""
-    import httpx
+async def client(host: str, port: int, requests: list[bytes], until: float, record: Record, offset: int,
+                 polite: bool = False) -> None:
+    """One keep-alive connection sending ``requests`` in turn until ``until``: no pause (like wrk),
+    or, ``polite``, waiting the Retry-After of a 503 as a well-behaved client would."""
+    reader = writer = None
+    i = offset
+    while time.perf_counter() < until:
+        t0 = time.perf_counter()
+        status, close = 0, True
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            writer.write(requests[i % len(requests)])
+            i += 1
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 120)
+            status = int(head[9:12])
+            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            close = b"connection: close" in head.lower()
+            retry = re.search(rb"(?i)retry-after:\s*(\d+)", head) if polite and status == 503 else None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
+            status = 0
+        record.samples.append((status, (time.perf_counter() - t0) * 1e3))
+        if status == 503 and polite and retry:
+            await asyncio.sleep(min(float(retry.group(1)), max(0.0, until - time.perf_counter())))
+        if close and writer is not None:
+            writer.close()
+            writer = None
+            if status == 0:
+                await asyncio.sleep(0.05)  # refused: do not spin on connect
+    if writer is not None:
+        writer.close()
 
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = sum(float(v) for v in re.findall(r"^classifier_batch_size_sum\S* (\S+)$", text, re.M))
-    count = sum(float(v) for v in re.findall(r"^classifier_batch_size_count\S* (\S+)$", text, re.M))
-    return total / count if count else float("nan")
 
-
-def serve_and_load(model_dir: Path, home: Path, blobs: list[bytes], args: argparse.Namespace,
-                   env: dict[str, str]) -> dict:
-    server = LocalServer(home, SERVING_MODEL=str(model_dir.resolve()), **env)
+async def slow_uploader(host: str, port: int, until: float, outcomes: Counter) -> None:
+    """Headers at once, then one body byte a second, until the server answers or ``until``."""
     try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write((f"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; "
+                      f"boundary={BOUNDARY}\r\nContent-Length: 100000\r\n\r\n").encode())
+        while time.perf_counter() < until:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1.0)
+                outcomes[int(head[9:12])] += 1
+                writer.close()
+                return
+            except asyncio.TimeoutError:
+                writer.write(b"-")
+        outcomes["still sending"] += 1
+        writer.close()
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        outcomes["connection error"] += 1
+
+
+def server_cpu_s(server: LocalServer) -> float:
+    """CPU seconds used so far by the server's process tree: unlike wall time, its ratio between
+    configurations holds on a machine shared with other work."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def measured(server: LocalServer, groups: list[tuple[int, list[bytes]]], duration: float, **kwargs) -> tuple:
+    """:func:`run_load`, the first group's row carrying the server's CPU ms per answered request."""
+    before = server_cpu_s(server)
+    records, outcomes = run_load(server.url, groups, duration, **kwargs)
+    rows = [record.row() for record in records]
+    answered = sum(n for row in rows for status, n in row["statuses"].items() if status)
+    rows[0]["cpu ms"] = 1e3 * (server_cpu_s(server) - before) / answered if answered else float("nan")
+    return rows, outcomes
+
+
+def run_load(url: str, groups: list[tuple[int, list[bytes]]], duration: float, slow: int = 0,
+             polite: bool = False) -> tuple:
+    """Run each group of ``(clients, requests)`` for ``duration`` s; a Record per group, slow outcomes."""
+    host, port = url.removeprefix("http://").split(":")
+
+    async def lag_monitor(until: float, lags: list[float]) -> None:
+        # How late the generator's own loop wakes up: a latency it adds to every figure measured
+        # (one Python process drives hundreds of connections on the same CPUs as the server).
+        while time.perf_counter() < until:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append((time.perf_counter() - t0 - 0.01) * 1e3)
+
+    async def main():
+        records = [Record() for _ in groups]
+        outcomes: Counter = Counter()
+        until = time.perf_counter() + duration
+        lags: list[float] = []
+        tasks = [slow_uploader(host, int(port), until + 30, outcomes) for _ in range(slow)]
+        tasks.append(lag_monitor(until, lags))
+        for record, (count, requests) in zip(records, groups, strict=True):
+            record.start = time.perf_counter()
+            tasks += [client(host, int(port), requests, until, record, i, polite) for i in range(count)]
+        await asyncio.gather(*tasks)
+        for record in records:
+            record.end = until
+            record.lag_p99 = float(np.percentile(lags, 99)) if lags else float("nan")
+        return records, outcomes
+
+    return asyncio.run(main())
+
+
+def predict_requests(blobs: list[bytes]) -> list[bytes]:
+    return [http_request("/predict", multipart([("image", blob)])) for blob in blobs]
+
+
+def max_batch_request(settings: Settings) -> bytes:
+    """SERVING_MAX_FILES flat PNGs whose pixels add up to SERVING_MAX_BATCH_PIXELS (all-zero, as in the issue)."""
+    side = int((settings.max_batch_pixels / settings.max_files) ** 0.5)
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, "PNG")
+    return http_request("/predict_batch", multipart([("images", buffer.getvalue())] * settings.max_files))
+
+
+class Servers:
+    def __init__(self, model_dir: Path, home: Path) -> None:
+        self.model_dir, self.home = model_dir, home
+
+    def start(self, **env: str) -> LocalServer:
+        server = LocalServer(self.home, SERVING_MODEL=str(self.model_dir.resolve()), **env)
         server.wait_ready()
-        load(server.url, blobs, min(200, args.requests), args.clients)  # warm-up, and the batcher's training
-        result = load(server.url, blobs, args.requests, args.clients)
-        result["batch"] = batch_sizes(server.url)
-        return result
-    finally:
-        server.stop()
+        return server
+
+
+def fmt(row: dict, keys: list[str]) -> str:
+    cells = []
+    for key in keys:
+        value = row.get(key, "")
+        cells.append(f"{value:>9.1f}" if isinstance(value, float) else f"{value!s:>9}")
+    return " ".join(cells)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Serving throughput against the in-process ceiling.")
+    parser = argparse.ArgumentParser(description="Serving under load (issue 10's tables).")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts" / "export",
                         help="folder with classifier.onnx and saliency.onnx")
     parser.add_argument("--images", type=Path, default=ROOT / "data", help="image folder (synthetic if absent)")
     parser.add_argument("--distinct", type=int, default=64, help="distinct images to cycle through")
-    parser.add_argument("--requests", type=int, default=2000, help="timed /predict requests per server run")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent client threads")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="SERVING_WORKERS for the server (default: one per CPU, the README's CPU setting)")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measured run")
+    parser.add_argument("--clients", type=int, default=32, help="clients for the configuration table")
+    parser.add_argument("--ladder", default="1,8,32,128,512", help="client counts of the overload ladder")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the configuration table")
     args = parser.parse_args()
     if not (args.model_dir / "classifier.onnx").is_file():
         print(f"error: {args.model_dir}/classifier.onnx not found (run `python -m pipeline.export`)", file=sys.stderr)
         return 2
     blobs = load_images(args.images, args.distinct)
     size, channels = model_input(args.model_dir)
-    print(f"{len(blobs)} distinct images, model input {channels}x{size}x{size}, {os.cpu_count()} CPUs, "
-          f"{args.workers} server workers, {args.clients} clients, {args.requests} requests per run, "
+    defaults = Settings.from_env(env={})
+    print(f"{len(blobs)} distinct images, model input {channels}x{size}x{size}, {os.cpu_count()} CPUs "
+          f"({usable_cpus()} usable), defaults: {defaults.workers} workers x {defaults.threads} onnxruntime "
+          f"thread(s), {defaults.decode_threads} decode thread(s); {args.duration:g} s per run; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    requests = predict_requests(blobs)
+    d = args.duration
 
     def ceilings() -> dict[str, dict]:
-        return {"in-process loop, batch 1": ceiling(args.model_dir, blobs, min(args.requests, 500), 1),
-                "in-process, batch 32": ceiling(args.model_dir, blobs, min(args.requests, 512), 32)}
+        return {"in-process loop, batch 1": ceiling(args.model_dir, blobs, 500, 1),
+                "in-process, batch 32": ceiling(args.model_dir, blobs, 512, 32)}
 
-    rows = ceilings()
+    one_worker = {"SERVING_WORKERS": "1", "SERVING_THREADS": str(usable_cpus())}  # the old default's shape
+    configs = {  # name → environment over the defaults
+        "defaults": {},
+        "defaults, batching off": {"SERVING_BATCHING": "0"},
+        f"1 worker x {usable_cpus()} threads, spin off": one_worker,
+        f"1 worker x {usable_cpus()} threads, spin on": {**one_worker, "SERVING_ORT_SPINNING": "1"},
+        "defaults, spin on": {"SERVING_ORT_SPINNING": "1"},
+        "defaults, 2 decode threads": {"SERVING_DECODE_THREADS": "2"},
+    }
+    table1 = ceilings()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as home:
-        workers = {"SERVING_WORKERS": str(args.workers)}
-        for name, env in (("service, batching on", {"SERVING_BATCHING": "1"}),
-                          ("service, batching off", {"SERVING_BATCHING": "0"})):
-            print(f"running {name} ...", flush=True)
-            rows[name] = serve_and_load(args.model_dir, Path(home), blobs, args, {**env, **workers})
-    # Measured again after the servers: on a shared machine the best of the two is the fair ceiling.
-    for name, row in ceilings().items():
-        rows[name] = max(rows[name], row, key=lambda r: r["rps"])
+        servers = Servers(args.model_dir, Path(home))
+        # Rounds in alternating order, the best of each configuration counts: on a shared
+        # machine a neighbour's burst otherwise decides which configuration "wins".
+        order = list(configs)
+        for round_ in range(args.rounds):
+            for name in order if round_ % 2 == 0 else order[::-1]:
+                print(f"table 1, round {round_ + 1}: {name} ...", flush=True)
+                server = servers.start(**configs[name])
+                try:
+                    run_load(server.url, [(args.clients, requests)], 2)  # warm-up, and the batcher's calibration
+                    row = measured(server, [(args.clients, requests)], d)[0][0]
+                finally:
+                    server.stop()
+                row["rounds"] = [*table1.get(name, {}).get("rounds", []), round(row["ok/s"], 1)]
+                table1[name] = max(table1.get(name, row), row, key=lambda r: r["ok/s"]) | {"rounds": row["rounds"]}
+        for name, row in ceilings().items():  # the better of the two ceilings counts (shared machine)
+            table1[name] = max(table1[name], row, key=lambda r: r["ok/s"])
+
+        server = servers.start()
+        try:
+            run_load(server.url, [(8, requests)], 2)
+            ladder, polite = {}, {}
+            for count in [int(c) for c in args.ladder.split(",")]:
+                print(f"table 2: {count} clients ...", flush=True)
+                ladder[count] = measured(server, [(count, requests)], d)[0][0]
+                polite[count] = measured(server, [(count, requests)], d, polite=True)[0][0]
+            print("table 3: slow uploaders ...", flush=True)
+            alone = run_load(server.url, [(8, requests)], d)[0][0].row()
+            (beside,), slow_outcomes = run_load(server.url, [(8, requests)], max(d, 25), slow=128)
+            beside = beside.row()
+            print("table 4: maximum-size batch ...", flush=True)
+            alone_b = run_load(server.url, [(8, requests)], d)[0][0].row()
+            normal_b, batch_b = run_load(server.url, [(8, requests), (1, [max_batch_request(defaults)])], d)[0]
+            normal_b, batch_b = normal_b.row(), batch_b.row()
+        finally:
+            server.stop()
     print(f"load average after the runs: {os.getloadavg()[0]:.1f}")
 
-    ceiling_rps = rows["in-process loop, batch 1"]["rps"]
-    print(f"\n{'':28} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'× loop':>7} {'batch':>6}")
-    for name, row in rows.items():
-        batch = f"{row['batch']:.1f}" if "batch" in row else ""
-        print(f"{name:28} {row['rps']:8.1f} {row['p50']:8.1f} {row['p99']:8.1f} {row['errors']:7d} "
-              f"{row['rps'] / ceiling_rps:7.2f} {batch:>6}")
-    on, off = rows["service, batching on"], rows["service, batching off"]
-    print(f"\nbatching on / off: {on['rps'] / off['rps']:.2f}x requests/s")
-    for name, row in rows.items():
-        if row["errors"]:
-            print(f"{name}: first error: {row['first_error'][0]}")
-    print(json.dumps({name: {k: v for k, v in row.items() if k != "first_error"} for name, row in rows.items()}))
-    return 0 if not (on["errors"] or off["errors"]) else 1
+    keys = ["ok/s", "p50", "p99", "cpu ms"]
+    ceiling_rps = table1["in-process loop, batch 1"]["ok/s"]
+    best = max((name for name in configs), key=lambda n: table1[n]["ok/s"])
+    print(f"\nTable 1: /predict at {args.clients} clients (ok/s = answers/s; ms; cpu ms = the server's CPU time "
+          "per answer, the figure that holds on a shared machine)")
+    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'cpu ms':>9} {'x loop':>9} {'x best':>9} {'cpu est':>9} "
+          "ok/s per round; statuses")
+    cpus = usable_cpus()
+    for name, row in table1.items():
+        ratio_best = f"{row['ok/s'] / table1[best]['ok/s']:9.2f}" if name in configs else " " * 9
+        # Derived, not measured: the answers/s the server's CPU cost allows on idle CPUs, over the loop's.
+        estimate = f"{cpus * 1e3 / row['cpu ms'] / ceiling_rps:9.2f}" if row.get("cpu ms") else " " * 9
+        print(f"{name:40} {fmt(row, keys)} {row['ok/s'] / ceiling_rps:9.2f} {ratio_best} {estimate} "
+              f"{row.get('rounds', '')} {row.get('statuses', '')}")
+    print(f"(cpu est = {cpus} CPUs / cpu ms, over the loop's images/s: what the server's CPU cost would allow on "
+          "idle CPUs with the load generator elsewhere; derived from the measured CPU time, not a measurement)")
+
+    ladder_keys = ["attempts/s", "ok/s", "p50", "p99", "503 p50", "503 p99", "cpu ms", "gen lag p99"]
+    for title, table in (("clients never pause", ladder), ("clients wait Retry-After after a 503", polite)):
+        print(f"\nTable 2: overload ladder on the defaults ({title}; ms; lag p99 = the load generator's own "
+              "event-loop delay, included in every latency)")
+        print(f"{'clients':>8} " + " ".join(f"{k.removeprefix('gen '):>9}" for k in ladder_keys) + " statuses")
+        for count, row in table.items():
+            print(f"{count:8d} {fmt(row, ladder_keys)} {row['statuses']}")
+
+    print("\nTable 3: 8 normal clients, alone and beside 128 uploaders sending 1 byte/s")
+    print(f"{'':34} {'ok %':>9} {'ok/s':>9} {'p50':>9} {'p99':>9} statuses")
+    print(f"{'8 clients alone':34} {fmt(alone, ['ok %', 'ok/s', 'p50', 'p99'])} {alone['statuses']}")
+    print(f"{'8 clients beside 128 slow':34} {fmt(beside, ['ok %', 'ok/s', 'p50', 'p99'])} {beside['statuses']}")
+    print(f"slow uploaders' outcomes: {dict(slow_outcomes)}")
+
+    print(f"\nTable 4: 8 normal clients, alone and beside a client sending {defaults.max_files}-image batches of "
+          f"{defaults.max_batch_pixels / 1e6:.0f} MP in all")
+    print(f"{'':34} {'ok %':>9} {'ok/s':>9} {'p50':>9} {'p99':>9} statuses")
+    print(f"{'8 clients alone':34} {fmt(alone_b, ['ok %', 'ok/s', 'p50', 'p99'])} {alone_b['statuses']}")
+    print(f"{'8 clients beside the batches':34} {fmt(normal_b, ['ok %', 'ok/s', 'p50', 'p99'])} {normal_b['statuses']}")
+    print(f"{'the batch client':34} {fmt(batch_b, ['ok %', 'ok/s', 'p50', 'p99'])} {batch_b['statuses']}")
+
+    all_statuses = Counter()
+    for row in [*(table1[n] for n in configs), *ladder.values(), *polite.values(), alone, beside, alone_b, normal_b,
+                batch_b]:
+        all_statuses.update(row["statuses"])
+    peak = max(row["ok/s"] for row in ladder.values())
+    top = ladder[max(ladder)]
+    shed_p99 = max((row["503 p99"] for row in ladder.values() if 503 in row["statuses"]), default=float("nan"))
+    targets = [
+        ("no 5xx but 503, no connection errors", all(s in (200, 503) for s in all_statuses),
+         str(dict(all_statuses))),
+        ("p99 of a rejection <= 100 ms", shed_p99 <= 100, f"{shed_p99:.1f} ms"),
+        (f"ok/s at {max(ladder)} clients >= 80% of the peak", top["ok/s"] >= 0.8 * peak,
+         f"{top['ok/s']:.0f} / {peak:.0f} = {top['ok/s'] / peak:.2f}"),
+        ("normal clients >= 99% ok beside slow uploaders", beside["ok %"] >= 99, f"{beside['ok %']:.1f}%"),
+        ("a max-size batch at most doubles others' p99", normal_b["p99"] <= 2 * alone_b["p99"],
+         f"{normal_b['p99']:.1f} / {alone_b['p99']:.1f} ms = {normal_b['p99'] / alone_b['p99']:.2f}x"),
+        (f"/predict at {args.clients} clients >= 70% of the in-process ceiling",
+         table1["defaults"]["ok/s"] >= 0.7 * ceiling_rps, f"{table1['defaults']['ok/s'] / ceiling_rps:.2f}"),
+        ("the defaults >= 90% of the best configuration", table1["defaults"]["ok/s"] >= 0.9 * table1[best]["ok/s"],
+         f"{table1['defaults']['ok/s'] / table1[best]['ok/s']:.2f} (best: {best})"),
+    ]
+    print("\nTargets (issue 10):")
+    for name, met, figure in targets:
+        print(f"  {'met   ' if met else 'MISSED'} {name}: {figure}")
+    print(json.dumps({"table1": table1, "ladder": ladder, "polite_ladder": polite,
+                      "slow": {"alone": alone, "beside": beside, "outcomes": dict(slow_outcomes)},
+                      "batch": {"alone": alone_b, "beside": normal_b, "batch": batch_b}}, default=str))
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,8 +48,12 @@ def _as_file(source: Source) -> tuple[BinaryIO | str, str]:
     return source, getattr(source, "name", "<stream>")
 
 
-def open_image(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(
+    source: Source, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None
+) -> Image.Image:
     """Open an image lazily (header only) and check its size.
+
+    ``formats`` restricts the decoders Pillow may try (``Image.open(formats=...)``); None = all.
 
     Raises:
         ImageError: empty, not an image, 0 pixels, or over ``max_pixels`` (decompression bomb).
@@ -57,9 +62,10 @@ def open_image(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(fp, formats=formats)
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", f"{name}: not an image Pillow can read") from None
+        allowed = f" among {', '.join(formats)}" if formats else ""
+        raise ImageError("not_an_image", f"{name}: not an image Pillow can read{allowed}") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageError("too_many_pixels", f"{name}: image exceeds the pixel limit") from None
     except OSError as err:
@@ -108,13 +114,16 @@ def convert_channels(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def decode(source: Source, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode(
+    source: Source, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
     """Decode the first frame, apply EXIF orientation and convert channels.
 
     JPEGs much larger than ``size`` are decoded at a reduced scale (``draft``), which is
     several times faster and loses nothing after the resize.
     """
-    img = open_image(source, max_pixels)
+    img = open_image(source, max_pixels, formats)
     name = getattr(img, "filename", "") or "<input>"
     try:
         if img.format == "JPEG":
@@ -150,7 +159,10 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def preprocess(source: Source, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess(
+    source: Source, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> np.ndarray:
     """Image file, bytes or stream → uint8 C×H×W model input.
 
     Args:
@@ -158,10 +170,11 @@ def preprocess(source: Source, size: int, channels: int, max_pixels: int = DEFAU
         size: output side in pixels.
         channels: 1 or 3.
         max_pixels: refuse larger images (decompression bombs).
+        formats: the Pillow formats to accept (None: any Pillow reads).
     Returns:
         ``np.ndarray`` of shape (channels, size, size), dtype uint8.
     Raises:
         ImageError: with ``reason`` in empty, not_an_image, unreadable, zero_pixels,
             too_many_pixels, corrupt.
     """
-    return to_array(crop_resize(decode(source, size, channels, max_pixels), size))
+    return to_array(crop_resize(decode(source, size, channels, max_pixels, formats), size))

@@ -16,8 +16,11 @@ Endpoints (files are multipart form fields; see the README for curl and Python c
 
 Every image goes through :func:`pipeline.images.preprocess`, the function the preprocess
 stage uses, so serving sees the pixels training saw. Bad input gets a 4xx with a JSON body
-``{"error": "..."}``. Settings come from ``SERVING_*`` environment variables (:class:`Settings`).
-Only onnxruntime, numpy and Pillow run here: never torch, mlflow or dvc.
+``{"error": "..."}`` naming the field; the only 5xx is 503 + Retry-After (overload). Settings
+come from ``SERVING_*`` environment variables (:mod:`serving.settings`). Request parsing is
+:mod:`serving.forms`, admission control and error shaping :mod:`serving.guard`, the API
+description :mod:`serving.openapi`. Only onnxruntime, numpy and Pillow run here: never torch,
+mlflow or dvc. The service makes no outbound request.
 """
 
 from __future__ import annotations
@@ -26,29 +29,34 @@ import asyncio
 import json
 import logging
 import os
-import struct
+import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import bentoml
-import numpy as np
-import prometheus_client
-from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument, ServiceUnavailable
-from bentoml.validators import ContentType
-from pydantic import BaseModel, Field, ValidationError
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+# Usage tracking off before BentoML reads it (it caches the answer): `bentoml serve` imports
+# this module in its main process before it would send anything.
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-from pipeline.contract import ModelCard
-from pipeline.images import ImageError, open_image, preprocess
-from serving import store, ui
-from serving.render import saliency_png
+import bentoml  # noqa: E402
+import numpy as np  # noqa: E402
+import prometheus_client  # noqa: E402
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable  # noqa: E402
+from bentoml.validators import ContentType  # noqa: E402
+from pydantic import BaseModel, Field, StrictInt, ValidationError  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from pipeline.contract import ModelCard  # noqa: E402
+from pipeline.images import ImageError, open_image, preprocess  # noqa: E402
+from serving import forms, guard, openapi, store, ui  # noqa: E402
+from serving.render import saliency_png  # noqa: E402
+from serving.settings import Settings  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -63,43 +71,10 @@ REASON_STATUS = {
     "zero_pixels": HTTPStatus.UNPROCESSABLE_ENTITY,
     "too_small": HTTPStatus.UNPROCESSABLE_ENTITY,
 }
-# What Pillow's decoders raise on hostile files beyond ImageError (its own fuzzing targets list these).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, ZeroDivisionError)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return int(value) if value else default
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected an integer") from None
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Serving knobs: each field is read from ``SERVING_<FIELD>`` (integers; 0/1 for batching)."""
-
-    max_bytes: int = 10 * 1024 * 1024  # SERVING_MAX_BYTES: request body limit (10 MiB) → 413
-    max_pixels: int = 25_000_000  # SERVING_MAX_PIXELS: decoded-size limit (bombs) → 413
-    min_side: int = 8  # SERVING_MIN_SIDE: shorter side below this → 422 (1×N, 3×3 ...)
-    max_files: int = 64  # SERVING_MAX_FILES: images per /predict_batch request
-    batching: bool = True  # SERVING_BATCHING=0 runs every /predict alone
-    max_batch_size: int = 32  # SERVING_MAX_BATCH_SIZE
-    max_latency_ms: int = 2000  # SERVING_MAX_LATENCY_MS: queueing longer than this → 503
-    threads: int = 0  # SERVING_THREADS: onnxruntime intra-op threads, 0 = its default
-    workers: int = 1  # SERVING_WORKERS: server processes, each with its own sessions
-    timeout_s: int = 30  # SERVING_TIMEOUT
-    max_concurrency: int = 128  # SERVING_MAX_CONCURRENCY: more in flight → 503
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        defaults = cls()
-        values: dict[str, Any] = {
-            name: _env_int(f"SERVING_{name.upper()}", int(default)) for name, default in asdict(defaults).items()
-        }
-        values["batching"] = bool(values["batching"])
-        return cls(**values)
-
+# The formats decoded, handed to Pillow's own `formats=` so no other decoder ever sees an upload:
+# the common web/camera formats. Pillow's rarer decoders (DDS, BLP, SPIDER, PSD, ...) are where
+# fuzzed files raised errors past the handlers; nothing a client of an image classifier needs.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 
 SETTINGS = Settings.from_env()
 MODEL_TAG = store.store_tag()  # None when SERVING_MODEL is a folder
@@ -162,11 +137,56 @@ class Metadata(BaseModel):
     settings: dict[str, int | bool]
 
 
+def _rejected(what: str, err: ImageError) -> ImageRejected:
+    message = str(err).removeprefix("<bytes>: ").removeprefix("<input>: ")  # the name is `what`
+    return ImageRejected(f"{what}: {err.reason}: {message}", error_code=REASON_STATUS[err.reason])
+
+
+def check_upload(data: bytes, what: str, settings: Settings = SETTINGS) -> int:
+    """The pixel count of an upload from its header (no pixel decoding), or a 4xx exception.
+
+    Refuses what is not an allowed format (415), too many pixels (413), too small a side (422).
+    """
+    try:
+        header = open_image(data, settings.max_pixels, ALLOWED_FORMATS)
+        if min(header.size) < settings.min_side:
+            raise ImageError(
+                "too_small", f"{header.size[0]}x{header.size[1]}: both sides must be >= {settings.min_side} px"
+            )
+        return header.size[0] * header.size[1]
+    except ImageError as err:
+        raise _rejected(what, err) from None
+    except Exception as err:  # noqa: BLE001 - whatever a decoder raises on a hostile header is a bad image
+        raise ImageRejected(f"{what}: corrupt: {type(err).__name__}: {err}"[:500]) from None
+
+
+def read_upload(path: Path, what: str, settings: Settings = SETTINGS) -> tuple[bytes, int]:
+    """An upload's bytes (kept in memory by :mod:`serving.forms`, or a file for in-process
+    callers) and its pixel count (:func:`check_upload`), or a 4xx exception."""
+    data = forms.upload_bytes(path)
+    size = len(data) if data is not None else path.stat().st_size
+    if size > settings.max_bytes:
+        raise PayloadTooLarge(f"{what}: {size} bytes, over the limit of {settings.max_bytes}")
+    if data is None:
+        data = path.read_bytes()
+    return data, check_upload(data, what, settings)
+
+
+def decode_upload(data: bytes, what: str, size: int, channels: int, settings: Settings = SETTINGS) -> np.ndarray:
+    """Bytes that passed :func:`read_upload` → uint8 C×H×W via :func:`pipeline.images.preprocess`."""
+    try:
+        return preprocess(data, size, channels, settings.max_pixels, ALLOWED_FORMATS)
+    except ImageError as err:
+        raise _rejected(what, err) from None
+    except Exception as err:  # noqa: BLE001 - Pillow's decoders raise many types on broken data (fuzz test)
+        raise ImageRejected(f"{what}: corrupt: {type(err).__name__}: {err}"[:500]) from None
+
+
 def load_image(path: Path, what: str, size: int, channels: int, settings: Settings = SETTINGS) -> np.ndarray:
     """An uploaded file → uint8 C×H×W via :func:`pipeline.images.preprocess`, or a 4xx exception.
 
     Args:
-        path: the upload (BentoML saves it to a temporary file).
+        path: the upload (kept in memory, see :mod:`serving.forms`) or a file.
         what: how error messages name it (``image``, ``images[2]``).
         size, channels: the model's input.
         settings: the limits.
@@ -174,21 +194,8 @@ def load_image(path: Path, what: str, size: int, channels: int, settings: Settin
     The header is read first (no pixel decoding) so that too small, too large and non-images
     are refused before any work is done.
     """
-    if path.stat().st_size > settings.max_bytes:
-        raise PayloadTooLarge(f"{what}: {path.stat().st_size} bytes, over the limit of {settings.max_bytes}")
-    data = path.read_bytes()
-    try:
-        header = open_image(data, settings.max_pixels)
-        if min(header.size) < settings.min_side:
-            raise ImageError(
-                "too_small", f"{header.size[0]}x{header.size[1]}: both sides must be >= {settings.min_side} px"
-            )
-        return preprocess(data, size, channels, settings.max_pixels)
-    except ImageError as err:
-        message = str(err).removeprefix("<bytes>: ").removeprefix("<input>: ")  # the name is `what`
-        raise ImageRejected(f"{what}: {err.reason}: {message}", error_code=REASON_STATUS[err.reason]) from None
-    except DECODE_ERRORS as err:
-        raise ImageRejected(f"{what}: corrupt: {type(err).__name__}: {err}") from None
+    data, _ = read_upload(path, what, settings)
+    return decode_upload(data, what, size, channels, settings)
 
 
 def reduce_map(maps: np.ndarray) -> tuple[np.ndarray, float]:
@@ -229,16 +236,16 @@ BATCH_SIZE = prometheus_client.Histogram(
 )
 
 
-def onnx_session(path: Path, threads: int):
+def onnx_session(path: Path, threads: int, spinning: bool = False, cpu_only: bool = False):
     """An onnxruntime session on CUDA when onnxruntime can really use it there, else on CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # Idle intra-op threads spin by default: fine for one caller, but in a server they burn the
-    # cores that decode the next requests (measured: 11 → 8 ms of CPU per LeNet-5 request).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    # cores that decode the next requests (bench/serve.py measures both; SERVING_ORT_SPINNING).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if not cpu_only and "CUDAExecutionProvider" in ort.get_available_providers():
         # onnxruntime-gpu lists CUDA even without a driver or cuDNN; only creating a session
         # tells. It then logs an error and falls back to CPU: silence that, we log the outcome.
         ort.set_default_logger_severity(4)
@@ -249,14 +256,74 @@ def onnx_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def check_model_or_exit() -> None:
+    """Load both graphs once, in the ``bentoml serve`` process before any worker starts; on
+    failure print one line naming the file and the reason and exit 3.
+
+    A worker whose ``__init__`` raises is restarted by BentoML's supervisor every few seconds
+    forever, with /readyz and /livez never answering; this makes a broken model a start-up error.
+    """
+    model_dir: Path | str = store.model_spec()
+    current = "SERVING_MODEL"
+    try:
+        model_dir = store.resolve_model_dir()
+        for name in store.MODEL_FILES:
+            current = str(Path(model_dir) / name)
+            meta = onnx_session(Path(model_dir) / name, 1, cpu_only=True).get_modelmeta().custom_metadata_map
+            classes = json.loads(meta["classes"])
+            if not classes or int(meta["image_size"]) < 1 or int(meta["channels"]) not in (1, 3):
+                raise ValueError("metadata: classes, image_size or channels out of range")
+    except Exception as err:  # noqa: BLE001 - any reason is reported the same way, then the process exits
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        print(f"error: cannot serve the model: {current}: {reason}"[:1000], file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
+API_PATHS = ("/predict", "/predict_batch", "/saliency", "/metadata")
+LABELLED_PATHS = (*API_PATHS, "/", "/ui", "/docs", "/docs.json", "/docs-init.js", "/schema.json", "/livez", "/healthz",
+                  "/readyz", "/metrics")
+
+
 # GET /metadata: BentoML APIs are POST-only, so a plain route on a mounted app serves the GET.
 async def _get_metadata(_: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().info.model_dump())
 
 
-@bentoml.asgi_app(Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]), *ui.routes()]), path="/")
+@cache
+def _spec() -> dict:
+    info = bentoml.get_current_service().info
+    return openapi.contract_spec(Classifier.openapi_spec.asdict(), info.classes, SETTINGS, info.version)
+
+
+async def _docs_json(_: Request) -> JSONResponse:
+    return JSONResponse(_spec())
+
+
+async def _docs_page(_: Request) -> Response:
+    return Response(openapi.DOCS_PAGE, media_type="text/html", headers={"Content-Security-Policy": openapi.CSP})
+
+
+async def _docs_init(_: Request) -> Response:
+    return Response(openapi.DOCS_INIT, media_type="text/javascript")
+
+
+# The mounted app's routes come before BentoML's own `/` and `/docs.json` (BentoML appends its
+# mounts first), so these replace its Google-Tag-Manager page and its generated schema. `/` leads
+# to the web UI (serving/ui.py); the API docs page is at `/docs`.
+PAGES = Starlette(routes=[
+    Route("/metadata", _get_metadata, methods=["GET"]),
+    *ui.routes(),
+    Route("/docs", _docs_page, methods=["GET"]),
+    Route("/docs.json", _docs_json, methods=["GET"]),
+    Route("/docs-init.js", _docs_init, methods=["GET"]),
+])
+
+
+@bentoml.asgi_app(PAGES, path="/")
 @bentoml.service(
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    # Admission control is serving.guard's (503 + Retry-After); BentoML's timeout (504) only
+    # backs up the guard's deadlines, so it is set beyond them.
+    traffic={"timeout": SETTINGS.timeout_s + SETTINGS.body_timeout_s + 30},
     workers=SETTINGS.workers,
 )
 class Classifier:
@@ -267,11 +334,15 @@ class Classifier:
     if MODEL_TAG is not None:
         model = bentoml.models.BentoModel(MODEL_TAG)
 
+    @bentoml.on_deployment
+    def preflight() -> None:  # runs once in the `bentoml serve` process, before the workers
+        check_model_or_exit()
+
     def __init__(self) -> None:
         model_dir = store.resolve_model_dir()
         self.model_dir = model_dir  # the web UI reads the bundled examples from it (serving/ui.py)
-        self.session = onnx_session(model_dir / "classifier.onnx", SETTINGS.threads)
-        self.saliency_session = onnx_session(model_dir / "saliency.onnx", SETTINGS.threads)
+        self.session = onnx_session(model_dir / "classifier.onnx", SETTINGS.threads, SETTINGS.ort_spinning)
+        self.saliency_session = onnx_session(model_dir / "saliency.onnx", SETTINGS.threads, SETTINGS.ort_spinning)
         provider = self.session.get_providers()[0]
         log.info("model %s on %s", model_dir, provider)
         card = ModelCard.read(model_dir)  # resolve_model_dir checked the files against it
@@ -282,23 +353,40 @@ class Classifier:
             architecture=card.architecture, classes=self.classes, image_size=self.size, channels=self.channels,
             mean=card.mean, std=card.std, mlflow_run_id=card.mlflow_run_id, git_commit=card.git_commit,
             data_md5=card.data_md5, metrics=card.metrics, files=card.files,
-            source=f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else str(model_dir),
-            provider=provider, settings=asdict(SETTINGS),
+            source=f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else model_dir.name,
+            provider=provider, settings=SETTINGS.public(),
         )
         self.batcher = (make_batcher(self._probabilities, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
                         if SETTINGS.batching else None)
+        # Decoding runs here, off the event loop, a bounded number at a time; each request
+        # submits one image at a time, so a heavy batch takes turns with the others.
+        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {"image": batch})[0]
 
+    async def _in_pool(self, func, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, func, *args)
+
     async def _load(self, path: Path, what: str) -> np.ndarray:
-        return await asyncio.to_thread(load_image, path, what, self.size, self.channels)
+        data, _ = await self._in_pool(read_upload, path, what)
+        return await self._in_pool(decode_upload, data, what, self.size, self.channels)
+
+    async def _load_all(self, paths: list[Path], field: str) -> list[np.ndarray]:
+        """Every image of a batch, within SERVING_MAX_BATCH_PIXELS decoded pixels in all (413)."""
+        uploads = [await self._in_pool(read_upload, path, f"{field}[{i}]") for i, path in enumerate(paths)]
+        pixels = sum(count for _, count in uploads)
+        if pixels > SETTINGS.max_batch_pixels:
+            raise PayloadTooLarge(f"{field}: {pixels} decoded pixels in all, over the limit of "
+                                  f"{SETTINGS.max_batch_pixels} (SERVING_MAX_BATCH_PIXELS)")
+        return [await self._in_pool(decode_upload, data, f"{field}[{i}]", self.size, self.channels)
+                for i, (data, _) in enumerate(uploads)]
 
     def _top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
         order = np.argsort(-probabilities, kind="stable")[: min(k, len(self.classes))]
         return [Prediction(index=int(i), label=self.classes[i], probability=float(probabilities[i])) for i in order]
 
-    def _target_index(self, target: str | int | None) -> int:
+    def _target_index(self, target: int | str | None) -> int:
         """The class index to explain (−1 = the predicted one); 400 naming the valid choices."""
         if target is None:
             return -1
@@ -311,7 +399,7 @@ class Classifier:
         raise InvalidArgument(f"target {target!r} is not a class index or name; classes: {self.classes}")
 
     @bentoml.api
-    async def predict(self, image: Path, k: Annotated[int, Field(ge=1)] = 5) -> Predictions:
+    async def predict(self, image: Path, k: Annotated[StrictInt, Field(ge=1, le=1000)] = 5) -> Predictions:
         """Top-``k`` classes of one image (``k`` is capped at the number of classes)."""
         array = await self._load(image, "image")
         if self.batcher is not None:
@@ -322,18 +410,20 @@ class Classifier:
                            predictions=self._top_k(probabilities, k))
 
     @bentoml.api
-    async def predict_batch(self, images: list[Path], k: Annotated[int, Field(ge=1)] = 5) -> BatchPredictions:
+    async def predict_batch(
+        self, images: Annotated[list[Path], Field(min_length=1)], k: Annotated[StrictInt, Field(ge=1, le=1000)] = 5
+    ) -> BatchPredictions:
         """Top-``k`` classes of each image, in order; one onnxruntime call for all of them."""
         if len(images) > SETTINGS.max_files:
             raise PayloadTooLarge(f"images: {len(images)} files, over the limit of {SETTINGS.max_files}")
-        arrays = await asyncio.gather(*(self._load(path, f"images[{i}]") for i, path in enumerate(images)))
+        arrays = await self._load_all(images, "images")
         probabilities = await asyncio.to_thread(self._probabilities, np.stack(arrays))
         return BatchPredictions(model=self.info.model, version=self.info.version,
                                 predictions=[self._top_k(p, k) for p in probabilities])
 
     @bentoml.api
     async def saliency(
-        self, image: Path, target: str | int | None = None, method: Method = "guided",
+        self, image: Path, target: StrictInt | str | None = None, method: Method = "guided",
         format: Literal["png", "json"] = "png",
     ) -> Annotated[Path, ContentType("image/png")]:
         """Where the model looks: ``method``'s map for ``target``, over the input as the model saw it.
@@ -370,77 +460,10 @@ class Classifier:
         return self.info
 
 
-class RequestGuard:
-    """ASGI middleware around every route.
-
-    * Bodies over ``max_bytes`` get 413 before anything parses them: BentoML 1.4 has no
-      request-size limit of its own (``api_server.max_request_size`` was removed).
-    * BentoML 1.4 sends 4xx errors as ``[{"error": ...}]`` (a stray tuple, bentoml#4232, fix
-      pending in PR #5709); this unwraps them to ``{"error": ...}``.
-    """
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            if headers.get(b"expect", b"").lower() != b"100-continue":
-                await self._drain(receive, 8 * self.max_bytes)  # so the client gets to read our answer
-            message = f"request body is {int(length)} bytes, over the limit of {self.max_bytes} (SERVING_MAX_BYTES)"
-            return await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:  # chunked uploads declare no length
-                raise PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes (SERVING_MAX_BYTES)")
-            return message
-
-        await self.app(scope, counted_receive, _unwrap_errors(send))
-
-    @staticmethod
-    async def _drain(receive, limit: int) -> None:
-        total, more = 0, True
-        while more and total <= limit:
-            message = await receive()
-            total += len(message.get("body", b""))
-            more = message.get("more_body", False)
-
-
-def _unwrap_errors(send):
-    """Wrap ``send``: a 4xx JSON body that is a one-element list of an object becomes the object."""
-    held: dict[str, Any] = {}
-
-    async def wrapped(message) -> None:
-        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
-            held["start"], held["body"] = message, b""
-            return
-        if "start" not in held or message["type"] != "http.response.body":
-            return await send(message)
-        held["body"] += message.get("body", b"")
-        if message.get("more_body", False):
-            return
-        body, start = held.pop("body"), held.pop("start")
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
-            body = json.dumps(parsed[0]).encode()
-        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    return wrapped
-
-
-Classifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_bytes)
+forms.install(SETTINGS)
+guard.install(SETTINGS, guard.path_labeller(LABELLED_PATHS, ["/static_content/", "/ui/"]))
+Classifier.add_asgi_middleware(guard.RequestGuard, settings=SETTINGS, api_paths=API_PATHS,
+                               allow={"/metadata": "GET, POST"})
 
 
 class ClientErrorsAsWarnings(logging.Filter):
@@ -459,24 +482,3 @@ class ClientErrorsAsWarnings(logging.Filter):
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsAsWarnings())
-
-
-def _strict_form_parser() -> None:
-    """Make malformed multipart bodies a 400, not a 500.
-
-    Starlette reports them as its own ``HTTPException``, which BentoML 1.4's endpoint wrapper
-    does not recognise (only its exceptions and pydantic's) and turns into a 500.
-    """
-    from _bentoml_impl import serde
-
-    class FormSerde(serde.MultipartSerde):
-        async def parse_request(self, request, cls):
-            try:
-                return await super().parse_request(request, cls)
-            except HTTPException as err:
-                raise BadInput(f"malformed multipart/form-data body: {err.detail}") from None
-
-    serde.ALL_SERDE["multipart/form-data"] = FormSerde  # type: ignore[index]
-
-
-_strict_form_parser()

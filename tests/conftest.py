@@ -17,6 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
+# No usage tracking from anything the tests start, run through `make test` or not (the Makefile
+# exports the same switches).
+for _switch in ("BENTOML_DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+    os.environ.setdefault(_switch, "true")
+
 # One tint per class, so a model can tell the classes apart.
 TINTS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [40, 200, 200]])
 
