@@ -26,7 +26,6 @@ mlflow or dvc. The service makes no outbound request.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -52,7 +51,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from pipeline.contract import ModelCard  # noqa: E402
+from pipeline.contract import CLASSIFIER_FILE, SALIENCY_FILE, ModelCard  # noqa: E402
 from pipeline.images import ImageError, open_image, preprocess  # noqa: E402
 from serving import forms, guard, openapi, store, ui  # noqa: E402
 from serving.render import saliency_png  # noqa: E402
@@ -263,16 +262,13 @@ def check_model_or_exit() -> None:
     A worker whose ``__init__`` raises is restarted by BentoML's supervisor every few seconds
     forever, with /readyz and /livez never answering; this makes a broken model a start-up error.
     """
-    model_dir: Path | str = store.model_spec()
     current = "SERVING_MODEL"
     try:
-        model_dir = store.resolve_model_dir()
-        for name in store.MODEL_FILES:
+        model_dir = store.resolve_model_dir()  # the card is valid and names both files by sha256
+        for name in (CLASSIFIER_FILE, SALIENCY_FILE):
             current = str(Path(model_dir) / name)
-            meta = onnx_session(Path(model_dir) / name, 1, cpu_only=True).get_modelmeta().custom_metadata_map
-            classes = json.loads(meta["classes"])
-            if not classes or int(meta["image_size"]) < 1 or int(meta["channels"]) not in (1, 3):
-                raise ValueError("metadata: classes, image_size or channels out of range")
+            ModelCard.from_onnx_props(  # the graph loads and carries a valid card
+                onnx_session(Path(model_dir) / name, 1, cpu_only=True).get_modelmeta().custom_metadata_map)
     except Exception as err:  # noqa: BLE001 - any reason is reported the same way, then the process exits
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         print(f"error: cannot serve the model: {current}: {reason}"[:1000], file=sys.stderr, flush=True)
@@ -280,8 +276,8 @@ def check_model_or_exit() -> None:
 
 
 API_PATHS = ("/predict", "/predict_batch", "/saliency", "/metadata")
-LABELLED_PATHS = (*API_PATHS, "/", "/ui", "/docs", "/docs.json", "/docs-init.js", "/schema.json", "/livez", "/healthz",
-                  "/readyz", "/metrics")
+LABELLED_PATHS = (*API_PATHS, "/", "/ui", "/docs", "/docs.json", "/docs-init.js", "/schema.json", "/livez",
+                  "/healthz", "/readyz", "/metrics")
 
 
 # GET /metadata: BentoML APIs are POST-only, so a plain route on a mounted app serves the GET.
@@ -435,7 +431,8 @@ class Classifier:
         maximum) and the prediction.
         """
         index = self._target_index(target)
-        array = await self._load(image, "image")
+        data, _ = await self._in_pool(read_upload, image, "image")  # kept: the PNG is drawn over it
+        array = await self._in_pool(decode_upload, data, "image", self.size, self.channels)
         feeds = {"image": array[None], "target": np.array([index], dtype=np.int64)}
         logits, gradient, guided, gradcam = await asyncio.to_thread(self.saliency_session.run, None, feeds)
         maps = {"gradient": gradient[0], "guided": guided[0], "gradcam": gradcam[0],
@@ -451,7 +448,7 @@ class Classifier:
                                map=np.round(heat, 4).tolist())
             return JSONResponse(body.model_dump())
         headers = {"X-Target": explained.label, "X-Prediction": top.label, "X-Method": method}
-        png = await asyncio.to_thread(saliency_png, image, heat, self.channels, SETTINGS.max_pixels)
+        png = await self._in_pool(saliency_png, data, heat, self.channels, SETTINGS.max_pixels)
         return Response(png, media_type="image/png", headers=headers)
 
     @bentoml.api(route="/metadata")

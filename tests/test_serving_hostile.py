@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from serving.local import LocalServer
+from tests.conftest import write_export
 
 pytestmark = pytest.mark.slow
 
@@ -482,10 +483,15 @@ def broken_models(exported_model: Path, root: Path) -> dict[str, tuple[Path, str
     (truncated / "classifier.onnx").write_bytes(data[: len(data) // 3])
     shutil.copytree(exported_model, no_saliency)
     (no_saliency / "saliency.onnx").unlink()
+    mixed = root / "mixed"  # a saliency graph from another export: never served with this classifier
+    shutil.copytree(exported_model, mixed)
+    write_export(root / "other", seed=1)
+    shutil.copy(root / "other" / "saliency.onnx", mixed / "saliency.onnx")
     return {
         "missing folder": (root / "nowhere", "no such folder"),
         "truncated classifier.onnx": (truncated, str(truncated / "classifier.onnx")),
-        "no saliency.onnx": (no_saliency, "missing saliency.onnx"),
+        "no saliency.onnx": (no_saliency, "saliency.onnx: missing"),
+        "saliency.onnx of another export": (mixed, "saliency.onnx: content does not match the sha256"),
     }
 
 
