@@ -29,6 +29,17 @@ data: setup
 		dvc pull --allow-missing || echo "dvc pull failed; generating the data instead"; fi
 	@if [ ! -d data ]; then python -m pipeline.datasets digits --out data && dvc commit --force --quiet data.dvc; fi
 
+# A local MLflow tracking server to try the team setup (README, "Scaling past one machine"):
+# SQLite backend, artifacts proxied by the server into $(MLFLOW_HOME)/artifacts. Then, in
+# another shell: export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
+MLFLOW_PORT ?= 5000
+MLFLOW_HOME ?= .mlflow-server
+mlflow-server: setup
+	mkdir -p $(MLFLOW_HOME)
+	mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_HOME))/mlflow.db \
+		--artifacts-destination $(abspath $(MLFLOW_HOME))/artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
 run: data
 	dvc repro
 
@@ -42,11 +53,13 @@ serve: setup
 	python -m serving.store import-export artifacts/export
 	PORT=$(PORT) bentoml serve serving.service:Classifier --port $(PORT)
 
-# The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry.
+# The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry
+# (both ONNX files and the card of one model version) and served by its exact store tag.
 serve-champion: setup
 	python -m pipeline.compare export-champion --out artifacts/champion
-	python -m serving.store import-export artifacts/champion
-	SERVING_MODEL=champion bentoml serve serving.service:Classifier --port $(PORT)
+	tag=$$(python -m serving.store import-export artifacts/champion --alias champion) && \
+	echo "serving $$tag (the MLflow champion)" && \
+	SERVING_MODEL=$$tag bentoml serve serving.service:Classifier --port $(PORT)
 
 # The CPU benchmarks; bench/serve.py needs the exported model (`make run` first).
 # bench/gpu_check.py is for a CUDA machine and is run by hand.
@@ -55,17 +68,6 @@ bench: setup
 	python bench/train.py
 	python bench/inference.py
 	@if [ -d artifacts/export ]; then python bench/serve.py; else echo "bench/serve.py skipped: no artifacts/export, run make run first"; fi
-
-# A local MLflow tracking server to try the team setup (README, "Scaling past one machine"):
-# SQLite backend, artifacts proxied by the server into $(MLFLOW_HOME)/artifacts. Then, in
-# another shell: export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
-MLFLOW_PORT ?= 5000
-MLFLOW_HOME ?= .mlflow-server
-mlflow-server: setup
-	mkdir -p $(MLFLOW_HOME)
-	mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_HOME))/mlflow.db \
-		--artifacts-destination $(abspath $(MLFLOW_HOME))/artifacts \
-		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 clean:
 	rm -rf artifacts metrics plots mlflow.db

@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     experiment = args.experiment or load_params(args.params).mlflow.experiment
     experiment_id = setup(experiment)
-    print(f"{redact(tracking_uri())}: experiment {experiment!r} (id {experiment_id})")
+    print(f"{redact(_configured_uri())}: experiment {experiment!r} (id {experiment_id})")
     return 0
 
 
