@@ -285,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the default experiment")
     args = parser.parse_args(argv)
     experiment = args.experiment or load_params(args.params).mlflow.experiment
+    store = redact(_configured_uri())  # before setup() moves the password out of the URI
     experiment_id = setup(experiment)
-    print(f"{redact(_configured_uri())}: experiment {experiment!r} (id {experiment_id})")
+    print(f"{store}: experiment {experiment!r} (id {experiment_id})")
     return 0
 
 
