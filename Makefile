@@ -4,12 +4,14 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 PORT ?= 3000
-# No usage tracking from anything this Makefile starts (BentoML, MLflow, and tools honouring DO_NOT_TRACK).
+# No usage tracking from anything this Makefile starts (BentoML, MLflow, DVC, and tools honouring
+# DO_NOT_TRACK).
 export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := true
 
-.PHONY: setup data run test lint serve serve-champion bench clean
+.PHONY: setup data run test lint serve serve-champion bench clean mlflow-server
 
 setup: $(VENV)/.installed
 
@@ -23,10 +25,26 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $@
 
-# The default dataset is generated, not downloaded: byte for byte what data.dvc records.
-# `dvc commit` puts it in the local DVC cache (a fresh clone has no remote to pull from).
+# With a default DVC remote (a team's), a fresh clone pulls the data and every stage output it
+# holds, so `dvc repro` only runs what the remote lacks. Without one, the default dataset is
+# generated, not downloaded: byte for byte what data.dvc records, and `dvc commit` puts it in the
+# local DVC cache.
 data: setup
+	@if [ ! -d data ] && dvc remote default >/dev/null 2>&1; then \
+		echo "pulling data and stage outputs from DVC remote '$$(dvc remote default)'"; \
+		dvc pull --allow-missing || echo "dvc pull failed; generating the data instead"; fi
 	@if [ ! -d data ]; then python -m pipeline.datasets digits --out data && dvc commit --force --quiet data.dvc; fi
+
+# A local MLflow tracking server to try the team setup (README, "Scaling past one machine"):
+# SQLite backend, artifacts proxied by the server into $(MLFLOW_HOME)/artifacts. Then, in
+# another shell: export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
+MLFLOW_PORT ?= 5000
+MLFLOW_HOME ?= .mlflow-server
+mlflow-server: setup
+	mkdir -p $(MLFLOW_HOME)
+	mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_HOME))/mlflow.db \
+		--artifacts-destination $(abspath $(MLFLOW_HOME))/artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 # DVC ends every repro with "Use `dvc push` to send your updates to remote storage."; without a
 # remote there is nowhere to push, so that line is dropped (DVC has no setting for it).

@@ -50,8 +50,7 @@ def open_client():
     if path is not None and not path.exists():
         raise CompareError(f"{path}: no MLflow store; run the pipeline first (dvc exp run) "
                            "or point MLFLOW_TRACKING_URI at the store")
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
+    return mlflow.MlflowClient(tracking.connect())
 
 
 def fetch_runs(client, experiment: str, include_all: bool = False) -> list:
@@ -413,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             status["code"] = args.command(args)
         except MlflowException as err:  # the store refused: its message says why
-            raise CompareError(f"MLflow: {err.message}") from None
+            raise CompareError(f"MLflow: {tracking.redact(err.message)}") from None
 
     return run_command(body) or status.get("code", 0)
 

@@ -3,6 +3,11 @@
 One run per pipeline execution: ``train`` opens it and writes its id to a file; ``evaluate``
 and ``export`` log into the same run through that id. MLflow is imported lazily so that
 importing this module stays cheap.
+
+The store is ``MLFLOW_TRACKING_URI`` (a team's ``http://`` tracking server) or a SQLite file in
+the repository. A password in the URI never reaches MLflow: :func:`connect` moves it into
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (which MLflow sends as HTTP basic
+auth), so MLflow's own messages, printed run links and tracebacks show a URI without it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -20,11 +26,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# MLflow reads this when it is imported, and every stage imports this module first.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 SQLITE_TIMEOUT_S = 30  # how long a SQLite writer waits for the lock before "database is locked"
@@ -46,14 +56,64 @@ def store_root() -> Path:
     return next((d for d in (cwd, *cwd.parents) if (d / ".dvc").is_dir()), cwd)
 
 
+def _configured_uri() -> str:
+    default = f"sqlite:///{store_root() / 'mlflow.db'}?timeout={SQLITE_TIMEOUT_S}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the SQLite store ``mlflow.db`` in :func:`store_root`.
+    """``MLFLOW_TRACKING_URI`` without its credentials, else the SQLite store ``mlflow.db`` in
+    :func:`store_root`.
 
     The default URI carries a busy timeout so that parallel experiments wait for each
     other's writes instead of failing at once.
     """
-    default = f"sqlite:///{store_root() / 'mlflow.db'}?timeout={SQLITE_TIMEOUT_S}"
-    return os.environ.get("MLFLOW_TRACKING_URI") or default
+    return split_credentials(_configured_uri())[0]
+
+
+# scheme://user:password@ or scheme://token@ (a URI's userinfo), anywhere in a text
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*)(?P<password>:[^@/\s]*)?@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URI in it replaced by ``***`` (a lone user part, often
+    a token, too): ``http://ana:s3cret@host`` -> ``http://ana:***@host``. For log lines and tags."""
+    def hide(match: re.Match) -> str:
+        if match["password"] is None:
+            return f"{match['scheme']}***@"
+        return f"{match['scheme']}{match['user']}:***@"
+    return _USERINFO.sub(hide, text)
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(the URI without user and password, user, password) of an ``http(s)://user:password@`` URI.
+
+    Any other URI comes back whole with (None, None): a database URI (``postgresql://u:pw@host/db``)
+    needs its password in it, and is only ever shown through :func:`redact`.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return uri, None, None
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host)), unquote(parts.username or ""), unquote(parts.password)
+
+
+def connect() -> str:
+    """Point MLflow at the store and return its URI (without credentials).
+
+    Credentials in ``MLFLOW_TRACKING_URI`` move into ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (MLflow's own way to pass them, inherited by child processes),
+    and ``MLFLOW_TRACKING_URI`` loses them, so no MLflow message or link can show the password.
+    """
+    import mlflow
+
+    uri, user, password = split_credentials(_configured_uri())
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user or ""
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -110,13 +170,13 @@ def setup(experiment: str) -> str:
     """Point MLflow at the store and select (creating once) the experiment; returns its id.
 
     Safe to call from parallel processes on a fresh store: schema and experiment creation
-    happen under a file lock.
+    happen under a file lock. Against a tracking server the server picks the artifact store
+    (``mlflow-artifacts:/``, proxied): nothing here assumes the store is a local file.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = connect()
     with _store_lock(uri):
         found = with_retry(lambda: mlflow.get_experiment_by_name(experiment))
         if found is not None:
@@ -225,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default=PARAMS_FILE, type=Path, help="params file for the default experiment")
     args = parser.parse_args(argv)
     experiment = args.experiment or load_params(args.params).mlflow.experiment
+    store = redact(_configured_uri())  # before setup() moves the password out of the URI
     experiment_id = setup(experiment)
-    print(f"{tracking_uri()}: experiment {experiment!r} (id {experiment_id})")
+    print(f"{store}: experiment {experiment!r} (id {experiment_id})")
     return 0
 
 

@@ -6,7 +6,9 @@
 
 The uint8 arrays are memory-mapped and normalised on the device, so the input path is one
 gather and one copy per batch. A checkpoint is written atomically after every epoch; a run
-killed mid-way resumes from it and ends with the same metrics as an uninterrupted one.
+killed mid-way resumes from it and ends with the same metrics as an uninterrupted one. The
+checkpoint is local state (git- and dvc-ignored), not a stage output: a teammate who pulls the
+outputs from the DVC remote has everything ``dvc status`` checks without it.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 
 def run_fingerprint(params: Params, manifest_text: str) -> str:
-    """Identifies what a checkpoint was trained on: train params, data and training code."""
+    """Identifies what a checkpoint was trained on: train params, data, training code, and the
+    MLflow store (URI without credentials) that holds the run it continues."""
     root = Path(__file__).resolve().parent.parent
     # By name, not __name__: that is "__main__" under `python -m`.
     code = "".join((root / f).read_text() for f in import_closure("pipeline.train"))
     train = json.dumps(params.train.model_dump(), sort_keys=True)
-    return tracking.fingerprint(train, str(params.base.seed), manifest_text, code)
+    return tracking.fingerprint(train, str(params.base.seed), manifest_text, code, tracking.tracking_uri())
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -142,7 +145,8 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
             start_epoch, run_id = state["epoch"] + 1, state["mlflow_run_id"] or None
             log.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
         else:
-            log.info("ignoring %s: it was trained with other params, data or code", checkpoint_path)
+            log.info("ignoring %s: it was trained with other params, data or code, or for another MLflow store",
+                     checkpoint_path)
 
     net = model
     if distributed:
@@ -258,7 +262,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="artifacts/preprocessed", type=Path, help="preprocess output")
     parser.add_argument("--out", default="artifacts/train", type=Path, help="best weights and run id")
     parser.add_argument("--checkpoint", default="artifacts/checkpoint/last.pt", type=Path,
-                        help="resumable state, rewritten every epoch")
+                        help="resumable state, rewritten every epoch; read when its fingerprint matches "
+                             "(not a DVC output: a clone that pulls the outputs has none and needs none)")
     parser.add_argument("--metrics", default="metrics/train.json", type=Path)
     parser.add_argument("--plots", default="plots/train.json", type=Path, help="per-epoch curves for dvc plots")
     parser.add_argument("--params", default="params.yaml", help="params file")
