@@ -170,7 +170,7 @@ def test_tiny_class_says_what_to_change(image_folder: Path, tmp_path: Path) -> N
         shutil.copy(image_folder / "c0" / name, image_folder / "tiny" / name)
     with pytest.raises(PreprocessError, match=r"class 'tiny' has no (train|val|test) image") as err:
         preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
-    assert "add images to data/tiny/" in str(err.value)
+    assert f"add images to {image_folder / 'tiny'}/" in str(err.value)
     assert "preprocess.val_fraction/test_fraction or base.seed" in str(err.value)
 
 
