@@ -49,3 +49,9 @@ bench: setup
 
 clean:
 	rm -rf artifacts metrics plots mlflow.db
+
+# The preprocess stage's decoded-image cache (hard links to the last runs' arrays plus an index;
+# it keeps the 2 most recent parameter sets). Deleting it only makes the next run decode everything.
+.PHONY: clean-cache
+clean-cache:
+	rm -rf .cache/preprocess

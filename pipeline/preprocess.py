@@ -16,6 +16,7 @@ same bytes a run from scratch would.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import json
 import logging
@@ -251,7 +252,12 @@ class PixelCache:
         try:
             with replace_dir(self.root / key) as tmp:
                 for split in SPLITS:
-                    os.link(out_dir / f"{split}_images.npy", tmp / f"{split}_images.npy")
+                    name = f"{split}_images.npy"
+                    previous = self.root / key / name
+                    # An unchanged split: DVC links the output back to the object it already
+                    # holds, which is the previous file, so keep that inode rather than a twin.
+                    same = previous.is_file() and filecmp.cmp(out_dir / name, previous, shallow=False)
+                    os.link(previous if same else out_dir / name, tmp / name)
                 index = np.array([(r.sha256.encode(), SPLITS.index(r.split), r.index) for r in rows],
                                  dtype=INDEX_DTYPE)
                 np.save(tmp / "index.npy", index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import struct
@@ -25,6 +26,7 @@ from pipeline.datasets import (
     write_digits,
 )
 from pipeline.datasets import main as datasets_main
+from tests.conftest import copy_project, sh, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's dvc sits next to its python
@@ -276,3 +278,69 @@ def test_explicit_order_must_list_every_class_folder(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("a\n../b\n")
     with pytest.raises(DatasetError, match="'../b' cannot be a class folder name"):
         scan_dataset(tmp_path)
+
+
+IDX_NAMES = ["zero", "one", "two"]  # label order; alphabetically it would be one, two, zero
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_idx_import_and_dvc_repro_keep_the_official_test_split_and_label_order(tmp_path: Path) -> None:
+    """The README's IDX route through `dvc repro train`, output to a pipe: the test split is the test
+    file, label i is class i in the arrays and the model, progress lines show up, a re-run is incremental,
+    and the arrays exist once on disk (workspace, DVC cache and preprocess cache are one inode)."""
+    repo = copy_project(tmp_path / "repo", {
+        "preprocess": {"size": 32, "val_fraction": 0.2, "workers": 2},
+        "train": {"epochs": 1, "batch_size": 32, "threads": 2},
+    })
+    rng = np.random.default_rng(0)
+    train_labels, test_labels = np.arange(120) % 3, rng.permutation(np.arange(30) % 3)
+    train_images = rng.integers(0, 256, (120, 8, 8), dtype=np.uint8)
+    test_images = rng.integers(0, 256, (30, 8, 8), dtype=np.uint8)  # different files, different images
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    files = [write_idx(raw / name, array) for name, array in [
+        ("train-images-idx3-ubyte.gz", train_images), ("t10k-images-idx3-ubyte.gz", test_images),
+        ("train-labels-idx1-ubyte.gz", train_labels), ("t10k-labels-idx1-ubyte.gz", test_labels)]]
+    sh(repo, "bin/python", "-m", "pipeline.datasets", "idx", "--out", "data", "--force",
+       "--images", str(files[0]), str(files[1]), "--labels", str(files[2]), str(files[3]),
+       "--classes", ",".join(IDX_NAMES))
+    sh(repo, "dvc", "add", "-q", "data")
+    out = sh(repo, "dvc", "repro", "train", env=tool_env(CNN_PROGRESS_INTERVAL="0"))  # stdout, stderr: pipes
+
+    result = repo / "artifacts" / "preprocessed"
+    manifest = json.loads((result / "manifest.json").read_text())
+    assert (manifest["classes"], manifest["classes_source"]) == (IDX_NAMES, "file")
+    assert manifest["split_source"] == {"train": "folder", "val": "hash", "test": "folder"}
+    labels = {split: np.load(result / f"{split}_labels.npy") for split in ("train", "val", "test")}
+    test_rows = sorted((row["path"], row["index"]) for row in manifest["files"] if row["split"] == "test")
+    assert [path for path, _ in test_rows] == sorted(
+        f"test/{IDX_NAMES[label]}/t10k_{i:05d}.png" for i, label in enumerate(test_labels))
+    for path, index in test_rows:  # label i of the dataset is index i in the arrays
+        assert labels["test"][index] == test_labels[int(path.rsplit("_", 1)[1][:5])]
+    assert not [row for row in manifest["files"] if row["split"] != "test" and row["path"].startswith("test/")]
+    assert len(labels["train"]) + len(labels["val"]) == 120
+    # The card travels unchanged from here to the ONNX metadata, MLflow and the service (test_pipeline).
+    from pipeline.trained import load_trained  # torch: imported only by this slow test
+
+    _, card = load_trained(repo / "artifacts" / "train" / "model.pt")
+    assert card.classes == IDX_NAMES
+
+    lines = out.splitlines()
+    assert any(re.fullmatch(r"decode: 150/150 img \(100%\), .*ETA 00:00", line) for line in lines), out[-3000:]
+    assert any(re.match(r"train: \d+/3 batch \(\d+%\), [\d.?]+batch/s", line) for line in lines), out[-3000:]
+
+    # Incremental under DVC: 3 new training images, one re-decoded each; nothing else is opened.
+    for label, name in enumerate(IDX_NAMES):
+        pixels = np.full((8, 8), 60 * label + 10, dtype=np.uint8)
+        Image.fromarray(pixels).save(repo / "data" / "train" / name / "new.png")
+    sh(repo, "dvc", "add", "-q", "data")
+    again = sh(repo, "dvc", "repro", "preprocess")
+    assert "153 images: 3 to decode, 150 from the cache" in again
+    dvc_cache = {p.stat().st_ino for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()}
+    for split in ("train", "val", "test"):  # changed (train or val) and unchanged (test) arrays alike
+        arrays = result / f"{split}_images.npy"
+        (cached,) = (repo / ".cache" / "preprocess").glob(f"*/{split}_images.npy")
+        # One inode for the workspace, DVC's cache and the preprocess cache: the arrays exist once.
+        assert arrays.stat().st_nlink == 3 and arrays.stat().st_ino == cached.stat().st_ino
+        assert arrays.stat().st_ino in dvc_cache
