@@ -16,9 +16,7 @@ same bytes a run from scratch would.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -29,20 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL
 
 from pipeline import images
 from pipeline.config import PreprocessParams, load_params
 from pipeline.contract import SPLITS, FileRow, Manifest, SkippedFile
 from pipeline.datasets import CLASSES_FILE, Dataset, scan_dataset
 from pipeline.errors import UserError, run_command, setup_logging
-from pipeline.files import replace_dir, write_atomic
+from pipeline.files import replace_dir
+from pipeline.pixelcache import CachedRow, PixelCache, copy_range, file_state
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = ".cache/preprocess"
-KEEP_PARAM_SETS = 2  # cache folders kept: the last run of each of the 2 most recent parameter sets
 
 
 class PreprocessError(UserError):
@@ -72,9 +69,11 @@ def split_fractions(dataset: Dataset, params: PreprocessParams) -> dict[str, flo
 
 @dataclass
 class Source:
-    path: Path
+    path: str
+    rel: str  # relative to the dataset folder, POSIX: the manifest's name for it
     label: int
     folder: str = ""  # the split folder it was found in, "" for data/<class>/
+    state: tuple[int, int, int, int] = (0, 0, 0, 0)  # size, mtime, ctime, inode when hashed
     digest: str = ""
     split: str = ""
     grayscale: bool | None = None  # None until the header was read (or found in the cache)
@@ -83,7 +82,8 @@ class Source:
 
 def _hash(source: Source) -> Source:
     try:
-        source.digest = hashlib.sha256(source.path.read_bytes()).hexdigest()
+        with open(source.path, "rb") as handle:
+            source.digest = hashlib.sha256(handle.read()).hexdigest()
     except OSError as err:
         source.error = f"unreadable: {source.path}: {err}"
     return source
@@ -117,7 +117,7 @@ def pixel_sums(array: np.ndarray) -> tuple[list[int], list[int]]:
             np.square(flat, dtype=np.int64).sum(axis=1).tolist())
 
 
-def _decode(job: tuple[Path, int, int, int]) -> Pixels | str:
+def _decode(job: tuple[str, int, int, int]) -> Pixels | str:
     path, size, channels, max_pixels = job
     try:
         array = images.preprocess(path, size, channels, max_pixels)
@@ -128,25 +128,64 @@ def _decode(job: tuple[Path, int, int, int]) -> Pixels | str:
     return Pixels(array, *pixel_sums(array))
 
 
+class LinkedSplit:
+    """A split whose images and order did not change: a hard link to the previous run's array."""
+
+    def __init__(self, path: Path, previous: Path):
+        self.path, self.previous, self.count = path, previous, 0
+
+    def append_cached(self, row: CachedRow) -> None:
+        self.count += 1
+
+    def append(self, array: np.ndarray) -> None:
+        raise AssertionError("an unchanged split has only cached rows")
+
+    def close(self) -> None:
+        os.link(self.previous, self.path)
+
+
 class NpyWriter:
     """Append C×H×W arrays to an ``.npy`` file without holding them in memory."""
 
     def __init__(self, path: Path, item_shape: tuple[int, ...], capacity: int):
         self.path, self.item_shape, self.count = path, item_shape, 0
+        self.row_bytes = int(np.prod(item_shape))
         self.file = open(path, "wb")
         self._header(capacity)
         self.data_start = self.file.tell()
+        self.pending: tuple[int, int, int] | None = None  # cached rows to copy: (fd, offset, bytes)
 
     def _header(self, count: int) -> None:
         header = {"descr": "|u1", "fortran_order": False, "shape": (count, *self.item_shape)}
         np.lib.format.write_array_header_1_0(self.file, header)
 
     def append(self, array: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(array).data)  # a memory-mapped row is written without a copy
+        self._copy_pending()
+        self.file.write(np.ascontiguousarray(array).data)
         self.count += 1
+
+    def append_cached(self, row: CachedRow) -> None:
+        """Append a row of a previous run's array; consecutive rows are copied as one range."""
+        if self.pending and self.pending[0] == row.fd and self.pending[1] + self.pending[2] == row.offset:
+            self.pending = (row.fd, self.pending[1], self.pending[2] + self.row_bytes)
+        else:
+            self._copy_pending()
+            self.pending = (row.fd, row.offset, self.row_bytes)
+        self.count += 1
+
+    def _copy_pending(self) -> None:
+        if self.pending is None:
+            return
+        fd, offset, nbytes = self.pending
+        self.pending = None
+        self.file.flush()
+        position = self.file.tell()
+        copy_range(fd, self.file.fileno(), offset, position, nbytes)
+        self.file.seek(position + nbytes)
 
     def close(self) -> None:
         """Rewrite the header with the real count (files may have been skipped)."""
+        self._copy_pending()
         self.file.seek(0)
         self._header(self.count)
         if self.file.tell() != self.data_start:  # header length changed: copy the data over
@@ -160,129 +199,8 @@ class NpyWriter:
                 shutil.copyfileobj(src, dst, 1 << 20)
             os.replace(moved, self.path)
             return
-        self.file.truncate(self.data_start + self.count * int(np.prod(self.item_shape)))
+        self.file.truncate(self.data_start + self.count * self.row_bytes)
         self.file.close()
-
-
-def _code_version() -> str:
-    """What the pixels of a file depend on besides its bytes and the params: images.py and Pillow."""
-    code = hashlib.sha256(Path(images.__file__).read_bytes()).hexdigest()[:16]
-    return f"{code}-pillow{PIL.__version__}"
-
-
-# Hex digests: numpy strips trailing NUL bytes from raw "S32" values, which would lose 1 digest in 256.
-INDEX_DTYPE = [("digest", "S64"), ("split", "u1"), ("row", "<i8")]
-HEADERS_DTYPE = [("digest", "S64"), ("grayscale", "?")]
-
-
-class PixelCache:
-    """Decoded images of earlier runs, found by content hash; never a second copy on disk.
-
-    ``<root>/<key>/`` holds the last run made with one parameter set (key = hash of size,
-    channels, max_pixels, images.py and the Pillow version): ``{split}_images.npy`` are hard
-    links to that run's output arrays, so they cost no disk while the outputs (or DVC's cache,
-    which links the same files) exist, plus ``index.npy`` (sha256 → split, row) and
-    ``sums.npy`` (exact per-channel pixel sums per row). ``<root>/headers-<code>.npy`` keeps
-    sha256 → grayscale, so ``channels: auto`` needs no header of an unchanged file. Saving
-    replaces the folder of the current key and deletes all but the :data:`KEEP_PARAM_SETS` most
-    recent keys: the cache never holds more than the last runs' images. ``make clean-cache``
-    (or deleting the folder) empties it.
-    """
-
-    def __init__(self, root: Path | None):
-        self.root = root
-        self.code = _code_version()
-        self.headers: dict[bytes, bool] = {}
-        self.rows: dict[bytes, tuple[str, int, list[int], list[int]]] = {}
-        self.arrays: dict[str, np.ndarray] = {}
-        if root is not None:
-            self.headers = self._read_headers()
-
-    def key(self, params: PreprocessParams, channels: int) -> str:
-        spec = {"size": params.size, "channels": channels, "max_pixels": params.max_pixels, "code": self.code}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-    def _read_headers(self) -> dict[bytes, bool]:
-        path = self.root / f"headers-{self.code}.npy"
-        try:
-            table = np.load(path)
-            return dict(zip(table["digest"].tolist(), table["grayscale"].tolist(), strict=True))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("preprocess cache: ignoring %s (%s)", path, err)
-            return {}
-
-    def load(self, key: str, item_shape: tuple[int, ...]) -> None:
-        """Open the arrays of the last run with this key (an unusable cache is ignored, never trusted)."""
-        folder = self.root / key if self.root is not None else None
-        if folder is None or not (folder / "index.npy").is_file():
-            return
-        try:
-            index, sums = np.load(folder / "index.npy"), np.load(folder / "sums.npy")
-            arrays = {split: np.load(folder / f"{split}_images.npy", mmap_mode="r") for split in SPLITS}
-            if any(a.dtype != np.uint8 or a.shape[1:] != item_shape for a in arrays.values()) or \
-                    len(sums) != len(index) or sums.shape[1:] != (2, item_shape[0]):
-                raise ValueError("shapes do not match the index")
-            for (digest, split, row), (s, q) in zip(index.tolist(), sums.tolist(), strict=True):
-                name = SPLITS[split]
-                if row >= len(arrays[name]):
-                    raise ValueError(f"row {row} beyond {name}_images.npy")
-                self.rows[digest] = (name, row, s, q)
-        except (OSError, ValueError, KeyError, IndexError) as err:
-            log.warning("preprocess cache: ignoring %s (%s)", folder, err)
-            self.rows = {}
-            return
-        self.arrays = arrays
-
-    def get(self, digest: str) -> Pixels | None:
-        entry = self.rows.get(digest.encode())
-        if entry is None:
-            return None
-        split, row, sums, squares = entry
-        return Pixels(self.arrays[split][row], sums, squares)
-
-    def save(self, key: str, out_dir: Path, channels: int, rows: list[FileRow],
-             sums: list[tuple[list[int], list[int]]], headers: dict[bytes, bool]) -> None:
-        """Link this run's arrays under ``key`` with their index; keep only the recent keys."""
-        if self.root is None:
-            return
-        self.arrays = {}  # close the previous run's memory maps before their folder goes
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            with replace_dir(self.root / key) as tmp:
-                for split in SPLITS:
-                    name = f"{split}_images.npy"
-                    previous = self.root / key / name
-                    # An unchanged split: DVC links the output back to the object it already
-                    # holds, which is the previous file, so keep that inode rather than a twin.
-                    same = previous.is_file() and filecmp.cmp(out_dir / name, previous, shallow=False)
-                    os.link(previous if same else out_dir / name, tmp / name)
-                index = np.array([(r.sha256.encode(), SPLITS.index(r.split), r.index) for r in rows],
-                                 dtype=INDEX_DTYPE)
-                np.save(tmp / "index.npy", index)
-                np.save(tmp / "sums.npy", np.array(sums, dtype=np.int64).reshape(len(rows), 2, channels))
-        except OSError as err:  # e.g. the cache on another file system: a copy would double the disk
-            log.warning("preprocess cache not saved (%s): the next run decodes every file", err)
-            return
-        table = np.array(sorted(headers.items()), dtype=HEADERS_DTYPE)
-        def write_headers(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:  # a file object: np.save would add ".npy" to a path
-                np.save(handle, table)
-
-        write_atomic(self.root / f"headers-{self.code}.npy", write_headers)
-        self._prune(keep=key)
-
-    def _prune(self, keep: str) -> None:
-        for stale in self.root.glob("headers-*.npy"):
-            if stale.name != f"headers-{self.code}.npy":
-                stale.unlink()
-        folders = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
-        recent = [keep, *[p.name for p in folders if p.name != keep][: KEEP_PARAM_SETS - 1]]
-        for folder in folders:
-            if folder.name not in recent:
-                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _resolve_channels(setting: int | str, sources: list[Source]) -> int:
@@ -311,8 +229,13 @@ def _check_coverage(dataset: Dataset, counts: dict[str, list[int]], params: Prep
                 )
 
 
-def _pool_map(pool, fn, items: list[Source], desc: str) -> list[Source]:
-    return list(progress(pool.imap(fn, items, chunksize=32), total=len(items), desc=desc, unit="img"))
+def _pool_update(pool, fn, sources: list[Source], needed, desc: str) -> list[Source]:
+    """``sources`` with ``fn`` applied, in the worker processes, to those where ``needed(source)``."""
+    todo = [s for s in sources if needed(s)]
+    if not todo:
+        return sources
+    done = iter(list(progress(pool.imap(fn, todo, chunksize=32), total=len(todo), desc=desc, unit="img")))
+    return [next(done) if needed(s) else s for s in sources]
 
 
 def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: PreprocessParams, seed: int,
@@ -334,17 +257,24 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
         raise PreprocessError(f"{data_dir}: found {len(dataset.classes)} class folder(s); "
                               "a classifier needs at least 2")
     workers = params.workers or os.cpu_count() or 1
-    sources = [Source(path, label, folder) for path, label, folder in dataset.files]
     cache = PixelCache(Path(cache_dir) if cache_dir else None)
     fractions = split_fractions(dataset, params)
+    sources = []
+    absolute = os.path.abspath(data_dir)  # the cache's name for a file: stable whatever the working folder
+    for rel, label, folder in dataset.files:
+        source = Source(os.path.join(data_dir, rel), rel, label, folder)
+        try:
+            source.state = file_state(os.stat(source.path))
+            source.digest = cache.digest(f"{absolute}/{rel}", source.state)
+        except OSError as err:
+            source.error = f"unreadable: {source.path}: {err}"
+        sources.append(source)
 
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        sources = _pool_map(pool, _hash, sources, "hash")
+        sources = _pool_update(pool, _hash, sources, lambda s: not s.error and not s.digest, "hash")
         for source in sources:
-            source.grayscale = cache.headers.get(source.digest.encode()) if source.digest else None
-        unknown = [s for s in sources if not s.error and s.grayscale is None]
-        inspected = iter(_pool_map(pool, _inspect, unknown, "inspect"))
-        sources = [next(inspected) if not s.error and s.grayscale is None else s for s in sources]
+            source.grayscale = cache.grayscale(source.digest) if source.digest else None
+        sources = _pool_update(pool, _inspect, sources, lambda s: not s.error and s.grayscale is None, "inspect")
         for source in sources:
             if source.error and params.on_error == "fail":
                 raise PreprocessError(f"{source.error} (set preprocess.on_error: skip to skip such files)")
@@ -353,63 +283,70 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
         channels = _resolve_channels(params.channels, sources)
         usable = [s for s in sources if not s.error]
         item_shape = (channels, params.size, params.size)
-        key = cache.key(params, channels)
+        key = cache.key(params.size, channels, params.max_pixels)
         cache.load(key, item_shape)
-        cached = {s.digest: pixels for s in usable if (pixels := cache.get(s.digest)) is not None}
+        cached = {s.digest: row for s in usable if (row := cache.get(s.digest)) is not None}
         jobs = ((s.path, params.size, channels, params.max_pixels) for s in usable if s.digest not in cached)
         decoded = pool.imap(_decode, jobs, chunksize=8)
         log.info("%d images: %d to decode, %d from the cache", len(usable), len(usable) - len(cached), len(cached))
 
-        with replace_dir(out_dir) as tmp:
-            writers = {
-                split: NpyWriter(tmp / f"{split}_images.npy", item_shape, sum(s.split == split for s in usable))
-                for split in SPLITS
-            }
-            labels: dict[str, list[int]] = {split: [] for split in SPLITS}
-            counts = {split: [0] * len(dataset.classes) for split in SPLITS}
-            pixel_sum, pixel_sq = [0] * channels, [0] * channels
-            rows, row_sums = [], []
-            for source in progress(usable, total=len(usable), desc="decode", unit="img"):
-                result = cached.get(source.digest) or next(decoded)
-                if isinstance(result, str):
-                    if params.on_error == "fail":
-                        raise PreprocessError(f"{result} (set preprocess.on_error: skip to skip such files)")
-                    source.error = result
-                    continue
-                rows.append(FileRow(path=source.path.relative_to(data_dir).as_posix(), sha256=source.digest,
-                                    class_name=dataset.classes[source.label], split=source.split,
-                                    index=writers[source.split].count))
-                row_sums.append((result.sums, result.squares))
-                writers[source.split].append(result.array)
-                labels[source.split].append(source.label)
-                counts[source.split][source.label] += 1
-                if source.split == "train":  # exact integers: the same totals in any order, cached or not
-                    pixel_sum = [a + b for a, b in zip(pixel_sum, result.sums, strict=True)]
-                    pixel_sq = [a + b for a, b in zip(pixel_sq, result.squares, strict=True)]
-            for writer in writers.values():
-                writer.close()
-                writer.path.chmod(0o444)  # hard-linked into the cache (and DVC's): never written in place
-            skipped = [SkippedFile(path=s.path.relative_to(data_dir).as_posix(), reason=s.error)
-                       for s in sources if s.error]
-            for entry in skipped:
-                log.warning("skipped %s", entry.reason)
-            _check_coverage(dataset, counts, params)
+        try:
+            with replace_dir(out_dir) as tmp:
+                writers: dict[str, NpyWriter | LinkedSplit] = {}
+                for split in SPLITS:
+                    digests = [s.digest for s in usable if s.split == split]
+                    previous = cache.unchanged(split, digests)  # same images, same order: same bytes
+                    writers[split] = LinkedSplit(tmp / f"{split}_images.npy", previous) if previous else \
+                        NpyWriter(tmp / f"{split}_images.npy", item_shape, len(digests))
+                labels: dict[str, list[int]] = {split: [] for split in SPLITS}
+                counts = {split: [0] * len(dataset.classes) for split in SPLITS}
+                pixel_sum, pixel_sq = [0] * channels, [0] * channels
+                rows, row_sums = [], []
+                for source in progress(usable, total=len(usable), desc="decode", unit="img"):
+                    result = cached.get(source.digest) or next(decoded)
+                    if isinstance(result, str):
+                        if params.on_error == "fail":
+                            raise PreprocessError(f"{result} (set preprocess.on_error: skip to skip such files)")
+                        source.error = result
+                        continue
+                    rows.append(FileRow(path=source.rel, sha256=source.digest, split=source.split,
+                                        class_name=dataset.classes[source.label], index=writers[source.split].count))
+                    row_sums.append((result.sums, result.squares))
+                    if isinstance(result, CachedRow):
+                        writers[source.split].append_cached(result)
+                    else:
+                        writers[source.split].append(result.array)
+                    labels[source.split].append(source.label)
+                    counts[source.split][source.label] += 1
+                    if source.split == "train":  # exact integers: the same totals in any order, cached or not
+                        pixel_sum = [a + b for a, b in zip(pixel_sum, result.sums, strict=True)]
+                        pixel_sq = [a + b for a, b in zip(pixel_sq, result.squares, strict=True)]
+                for writer in writers.values():
+                    writer.close()
+                    writer.path.chmod(0o444)  # hard-linked into the cache (and DVC's): never written in place
+                skipped = [SkippedFile(path=s.rel, reason=s.error) for s in sources if s.error]
+                for entry in skipped:
+                    log.warning("skipped %s", entry.reason)
+                _check_coverage(dataset, counts, params)
 
-            values = len(labels["train"]) * params.size * params.size * 255
-            mean = np.array(pixel_sum, dtype=np.float64) / values
-            std = np.sqrt(np.maximum(np.array(pixel_sq, dtype=np.float64) / (values * 255) - mean**2, 1e-12))
-            for split in SPLITS:
-                np.save(tmp / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
-            manifest = Manifest(
-                classes=dataset.classes, classes_source=dataset.classes_source, channels=channels,
-                image_size=params.size, mean=[round(float(m), 6) for m in mean], std=[round(float(s), 6) for s in std],
-                counts={split: len(labels[split]) for split in SPLITS}, class_counts=counts, seed=seed,
-                split_source={split: "folder" if split in dataset.split_folders else "hash" for split in SPLITS},
-                files=rows, skipped=skipped,
-            )
-            (tmp / "manifest.json").write_text(manifest.to_json())
-    headers = {s.digest.encode(): bool(s.grayscale) for s in usable if s.grayscale is not None}
-    cache.save(key, out_dir, channels, rows, row_sums, headers)
+                values = len(labels["train"]) * params.size * params.size * 255
+                mean = np.array(pixel_sum, dtype=np.float64) / values
+                std = np.sqrt(np.maximum(np.array(pixel_sq, dtype=np.float64) / (values * 255) - mean**2, 1e-12))
+                for split in SPLITS:
+                    np.save(tmp / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
+                manifest = Manifest(
+                    classes=dataset.classes, classes_source=dataset.classes_source, channels=channels,
+                    image_size=params.size, mean=[round(float(m), 6) for m in mean],
+                    std=[round(float(s), 6) for s in std], counts={split: len(labels[split]) for split in SPLITS},
+                    class_counts=counts, seed=seed,
+                    split_source={split: "folder" if split in dataset.split_folders else "hash" for split in SPLITS},
+                    files=rows, skipped=skipped,
+                )
+                (tmp / "manifest.json").write_text(manifest.to_json())
+        finally:
+            cache.close()
+    hashed = [(f"{absolute}/{s.rel}", s.state, s.digest, s.grayscale) for s in sources if s.digest]
+    cache.save(key, out_dir, channels, rows, row_sums, hashed)
     log.info("preprocessed %s: %s, %d channel(s), %d px, %d skipped, %d decoded", data_dir,
              manifest.counts, channels, params.size, len(skipped), len(usable) - len(cached))
     return manifest

@@ -279,14 +279,22 @@ def test_incremental_run_decodes_only_touched_files_and_equals_a_fresh_run(
     image_folder: Path, tmp_path: Path, make_image_folder: Callable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache, out = tmp_path / "cache", tmp_path / "out"
+    same_size = image_folder / "c1" / "same_size.png"  # uncompressed: the size depends on the pixels' shape only
+    images.Image.fromarray(np.full((12, 12, 3), (40, 200, 40), np.uint8)).save(same_size, compress_level=0)
     preprocess_folder(image_folder, out, params(), SEED, cache)
 
     make_image_folder(image_folder, per_class=2, start=30)  # 6 new files
     added = [f"c{k}/img_{i:03d}.png" for k in range(3) for i in (30, 31)]
-    changed = ["c0/img_003.png", "c2/img_010.png"]
-    for rel in changed:  # new content under the same name
+    changed = ["c0/img_003.png", "c2/img_010.png", "c1/same_size.png"]
+    for rel in changed[:2]:  # new content under the same name
         pixels = np.asarray(images.open_image(image_folder / rel).convert("RGB"))
         images.Image.fromarray(255 - pixels).save(image_folder / rel)
+    # New content in place with the same size and the old mtime (as `cp -p` leaves it): only the
+    # ctime tells, so the file is read again rather than trusted by size and mtime.
+    before = same_size.stat()
+    images.Image.fromarray(np.full((12, 12, 3), (60, 190, 50), np.uint8)).save(same_size, compress_level=0)
+    os.utime(same_size, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (same_size.stat().st_size, same_size.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     for rel in ["c1/img_007.png", "c2/img_000.png"]:
         (image_folder / rel).unlink()
     calls = record_calls(monkeypatch, tmp_path / "calls.log")
@@ -294,7 +302,7 @@ def test_incremental_run_decodes_only_touched_files_and_equals_a_fresh_run(
 
     assert calls("preprocess") == sorted(added + changed)  # decoded: only the touched files
     assert calls("open_image") == sorted(added + changed)  # not even a header of the others
-    assert len(incremental.files) == 90 + 6 - 2
+    assert len(incremental.files) == 91 + 6 - 2
     for name in ("train_images.npy", "val_images.npy", "test_images.npy"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o444  # hard-linked into the cache: read-only
     monkeypatch.undo()
@@ -322,7 +330,7 @@ def test_cache_is_keyed_by_the_params_and_keeps_two_sets(
     preprocess_folder(image_folder, out, params(channels=1), SEED, cache)
     assert len(calls("preprocess")) == 90
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # bounded: the 2 most recent sets
-    assert len(list(cache.glob("headers-*.npy"))) == 1
+    assert len(list(cache.glob("files-*.npy"))) == 1
 
 
 def test_a_damaged_cache_is_ignored(image_folder: Path, tmp_path: Path) -> None:
