@@ -313,6 +313,9 @@ def test_incremental_run_decodes_only_touched_files_and_equals_a_fresh_run(
     calls = record_calls(monkeypatch, tmp_path / "again.log")
     assert preprocess_folder(image_folder, out, params(), SEED, cache) == fresh
     assert calls("preprocess") == [] and calls("open_image") == []
+    assert files_of(out) == files_of(tmp_path / "fresh")
+    (cached,) = cache.glob("*/train_images.npy")  # unchanged splits are links to the last arrays, not copies
+    assert (out / "train_images.npy").stat().st_ino == cached.stat().st_ino
 
 
 def test_cache_is_keyed_by_the_params_and_keeps_two_sets(
