@@ -62,25 +62,18 @@ def _subfolders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None
-                      ) -> tuple[list[str], list[tuple[Path, int]]]:
+def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """List ``root/<class>/**/<file>``, hidden files and folders ignored.
 
-    Args:
-        classes: the class order; default: the sorted folder names (folders not in it are left out).
     Returns:
-        (classes, [(file path, class index)] sorted by class, then path).
+        (classes sorted by name, [(file path, class index)] sorted by class, then path).
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found (expected {root}/<class>/<image>)")
-    folders = _subfolders(root)
-    classes = list(classes) if classes is not None else folders
-    files = [
-        (root / name / rel, index)
-        for index, name in enumerate(classes) if (root / name).is_dir()
-        for rel in _visible_files(str(root / name))
-    ]
+    classes = _subfolders(root)
+    files = [(root / name / rel, index)
+             for index, name in enumerate(classes) for rel in _visible_files(str(root / name))]
     return classes, files
 
 
