@@ -21,19 +21,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from pipeline.contract import SPLITS, ClassesSource
 from pipeline.errors import UserError, run_command
 from pipeline.files import replace_dir
 
 log = logging.getLogger(__name__)
 
-SPLIT_FOLDERS = ("train", "val", "test")
+SPLIT_FOLDERS = SPLITS  # data/train/, data/val/, data/test/
 CLASSES_FILE = "classes.txt"  # label order, one name per line: line i is label i
-ClassesSource = Literal["folders", "file", "param"]
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/ "THE IDX FILE FORMAT"); big-endian.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
