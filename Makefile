@@ -86,3 +86,9 @@ bench: setup
 # Generated, untracked outputs only: metrics/ and plots/ are tracked in git and stay.
 clean:
 	rm -rf artifacts dvc_plots mlflow.db mlflow.db.lock
+
+# The preprocess stage's decoded-image cache (hard links to the last runs' arrays plus an index;
+# it keeps the 2 most recent parameter sets). Deleting it only makes the next run decode everything.
+.PHONY: clean-cache
+clean-cache:
+	rm -rf .cache/preprocess

@@ -1,6 +1,7 @@
-"""Preprocess throughput on photographs: our stage against the loop a user would write.
+"""Preprocess throughput on photographs: our stage against the loop a user would write; and
+the incremental case: a re-run after adding 1% of files.
 
-    python bench/preprocess.py [--images 300] [--size 224]
+    python bench/preprocess.py [--images 300] [--size 224] [--incremental 20000] [--only photos|incremental]
 
 The corpus is built once into bench/.cache/photos/<class>/<i>.jpg from the two photographs
 that ship in scikit-learn's wheel: random crops, rescaled to 0.3–3 megapixels, JPEG quality
@@ -10,14 +11,21 @@ that ship in scikit-learn's wheel: random crops, rescaled to 0.3–3 megapixels,
   baseline  one process: PIL open → exif_transpose → RGB → torchvision Resize + CenterCrop → numpy
 
 Peak memory of the stage is measured in a fresh subprocess for N/2 and N images.
+
+Incremental: N synthetic 28×28 grayscale PNGs (MNIST-like strokes on noise, 10 classes, built
+once into bench/.cache/strokes/) preprocessed to ``--size`` with the stage's cache; then 1% more
+files are added and the stage runs again (target: <= 10% of the full run's wall time); then the
+same +1% folder from scratch without a cache, which must give byte-identical outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +45,7 @@ from pipeline.config import PreprocessParams  # noqa: E402
 from pipeline.preprocess import SPLITS, preprocess_folder  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "photos"
+STROKES = ROOT / "bench" / ".cache" / "strokes"
 CLASSES = ("a", "b", "c")
 T = TypeVar("T")
 
@@ -131,6 +140,75 @@ def subset(files: list[Path], count: int, into: Path) -> Path:
     return into
 
 
+def build_strokes(root: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` 28×28 grayscale PNGs, ``root/<digit>/<i>.png``: a few random bright lines on faint
+    noise, distinct per file. Reused when already there."""
+    spec = {"count": count, "seed": seed, "version": 1}
+    marker = root / ".spec.json"
+    files = [root / str(i % 10) / f"{i:06d}.png" for i in range(count)]
+    if marker.exists() and json.loads(marker.read_text()) == spec and all(f.exists() for f in files):
+        return files
+    rng = np.random.default_rng(seed)
+    from PIL import ImageDraw
+
+    for path in files:
+        img = Image.fromarray(rng.integers(0, 30, (28, 28), dtype=np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            draw.line([tuple(rng.integers(3, 25, 2).tolist()), tuple(rng.integers(3, 25, 2).tolist())],
+                      fill=int(rng.integers(180, 256)), width=int(rng.integers(2, 4)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+    marker.write_text(json.dumps(spec))
+    return files
+
+
+def place(files: list[Path], into: Path) -> None:
+    for path in files:
+        dest = into / path.parent.name / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+
+
+def timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    """Wall time of one call, started with no dirty pages left by the previous run (each run writes
+    about 1 GiB; without the sync its write-back would be billed to the next run)."""
+    os.sync()
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def incremental(count: int, size: int) -> None:
+    """Full run, +1% files with the cache, and the same +1% folder from scratch (the baseline)."""
+    extra = max(1, count // 100)
+    files = build_strokes(STROKES, count + extra)
+    params = PreprocessParams(size=size, channels="auto", val_fraction=0.1, test_fraction=0.1, workers=0)
+    with tempfile.TemporaryDirectory(dir=STROKES.parent) as tmp:
+        data, cache = Path(tmp) / "data", Path(tmp) / "cache"
+        place(files[:count], data)
+        _, full_s = timed(preprocess_folder, data, Path(tmp) / "out", params, 0, cache)
+        place(files[count:], data)
+        _, added_s = timed(preprocess_folder, data, Path(tmp) / "out", params, 0, cache)
+        _, same_s = timed(preprocess_folder, data, Path(tmp) / "out", params, 0, cache)
+        _, scratch_s = timed(preprocess_folder, data, Path(tmp) / "scratch", params, 0, None)
+        identical = all(filecmp.cmp(Path(tmp) / "out" / p.name, p, shallow=False)
+                        for p in (Path(tmp) / "scratch").iterdir())
+        gib = sum(p.stat().st_size for p in (Path(tmp) / "out").glob("*_images.npy")) / 2**30
+    print(f"\nincremental: {count} synthetic 28x28 PNGs -> {size} px, 1 channel ({gib:.2f} GiB of arrays), "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'run':34}{'images':>8}{'decoded':>9}{'wall s':>9}{'vs full':>9}")
+    rows = [("full run, empty cache", count, count, full_s),
+            (f"+1% files ({extra}), cache", count + extra, extra, added_s),
+            ("nothing changed, cache", count + extra, 0, same_s),
+            ("+1% folder from scratch, no cache", count + extra, count + extra, scratch_s)]
+    for name, images_n, decoded, seconds in rows:
+        print(f"{name:34}{images_n:8d}{decoded:9d}{seconds:9.2f}{seconds / full_s:9.1%}")
+    print(f"+1% run / full run: {added_s / full_s:.1%} (target <= 10%); "
+          f"/ from-scratch run on the same files: {added_s / scratch_s:.1%}")
+    print(f"outputs of the +1% cached run and the from-scratch run byte-identical: {identical}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,6 +216,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="corpus size (default: 300)")
     parser.add_argument("--size", type=int, default=224, help="output side (default: 224)")
     parser.add_argument("--repeat", type=int, default=1, help="keep the fastest of R runs (default: 1)")
+    parser.add_argument("--incremental", type=int, default=20000,
+                        help="images in the incremental case (default: 20000)")
+    parser.add_argument("--only", choices=("photos", "incremental"), help="run one case")
     parser.add_argument("--rss-of", type=Path, help=argparse.SUPPRESS)  # internal: child for peak RSS
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,6 +229,11 @@ def main() -> None:
         status = Path("/proc/self/status").read_text()
         main_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
         print(json.dumps([main_kib, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))
+        return
+    os.environ.setdefault("CNN_PROGRESS_INTERVAL", "60")  # keep the tables readable in a log
+    if args.only != "photos":
+        incremental(args.incremental, args.size)
+    if args.only == "incremental":
         return
 
     files = build_corpus(CACHE, args.images)

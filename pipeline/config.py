@@ -35,6 +35,12 @@ class PreprocessParams(_Section):
     on_error: Literal["skip", "fail"] = "skip"
     max_pixels: int = Field(50_000_000, ge=1)
     workers: int = Field(0, ge=0)  # 0 = all usable cores
+    classes: list[str] = []  # label order; [] = data/classes.txt if present, else sorted folder names
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _none_is_no_order(cls, value: Any) -> Any:
+        return [] if value is None else value
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> PreprocessParams:

@@ -56,10 +56,15 @@ class SkippedFile(_Frozen):
     reason: str
 
 
+SplitSource = Literal["folder", "hash"]  # data/<split>/ as given, or drawn by the stable hash split
+ClassesSource = Literal["folders", "file", "param"]  # sorted folder names, data/classes.txt, preprocess.classes
+
+
 class Manifest(_Frozen):
     """``manifest.json`` of the preprocess stage: what the arrays hold and where they came from."""
 
     classes: list[str]  # index order: class i is label i in the arrays
+    classes_source: ClassesSource = "folders"
     channels: Literal[1, 3]
     image_size: int
     mean: list[float]  # per channel, 0–1 scale, train split
@@ -67,6 +72,7 @@ class Manifest(_Frozen):
     counts: dict[Split, int]
     class_counts: dict[Split, list[int]]
     seed: int
+    split_source: dict[Split, SplitSource] = Field(default_factory=lambda: dict.fromkeys(SPLITS, "hash"))
     files: list[FileRow] = Field(default_factory=list)
     skipped: list[SkippedFile] = Field(default_factory=list)
 

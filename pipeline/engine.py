@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.config import TrainParams
 from pipeline.errors import UserError
 from pipeline.loader import batches, to_input
+from pipeline.progress import progress as progress_bar
 
 
 @dataclasses.dataclass
@@ -91,15 +92,13 @@ def train_one_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, or
                     optimizer: torch.optim.Optimizer, scheduler, ctx: Context, p: TrainParams,
                     generator: torch.Generator, progress: bool = True) -> dict[str, float]:
     """One pass over ``order``; returns loss, accuracy, images/s, data-wait share, seconds."""
-    from tqdm import tqdm
-
     model.train()
     loss_sum = correct = seen = 0.0
     wait = 0.0
     start = tick = time.perf_counter()
     steps = math.ceil(len(order) / max(p.batch_size, 1))
     loader = batches(images, labels, p.batch_size, order, pin=ctx.device.type == "cuda")
-    bar = tqdm(loader, total=steps, desc="train", unit="batch", leave=False, disable=not progress or None)
+    bar = progress_bar(loader, total=steps, desc="train", unit="batch", enabled=progress, leave=False)
     for x, y in bar:
         wait += time.perf_counter() - tick
         x = to_input(x, ctx.mean, ctx.std, ctx.device, ctx.channels_last)

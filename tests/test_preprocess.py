@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -170,7 +171,7 @@ def test_tiny_class_says_what_to_change(image_folder: Path, tmp_path: Path) -> N
         shutil.copy(image_folder / "c0" / name, image_folder / "tiny" / name)
     with pytest.raises(PreprocessError, match=r"class 'tiny' has no (train|val|test) image") as err:
         preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
-    assert "add images to data/tiny/" in str(err.value)
+    assert f"add images to {image_folder / 'tiny'}/" in str(err.value)
     assert "preprocess.val_fraction/test_fraction or base.seed" in str(err.value)
 
 
@@ -183,6 +184,180 @@ def test_hidden_files_and_folders_are_ignored(image_folder: Path, tmp_path: Path
     assert manifest["skipped"] == []
     assert len(manifest["files"]) == 90
     assert not [row for row in manifest["files"] if "/." in row["path"] or row["path"].startswith(".")]
+
+
+# ----------------------------------------------------------------------------- layouts and label order
+def rows_split(manifest) -> dict[str, str]:
+    return {row.path: row.split for row in manifest.files}
+
+
+def test_pre_split_folders_are_kept_as_given(tmp_path: Path, make_image_folder: Callable) -> None:
+    for seed, (split, count) in enumerate({"train": 8, "val": 3, "test": 4}.items()):
+        make_image_folder(tmp_path / "data" / split, per_class=count, seed=seed)
+    manifest = preprocess_folder(tmp_path / "data", tmp_path / "out", params(), SEED)
+    assert manifest.split_source == {"train": "folder", "val": "folder", "test": "folder"}
+    assert manifest.counts == {"train": 24, "val": 9, "test": 12}
+    assert all(split == path.split("/")[0] for path, split in rows_split(manifest).items())
+    labels = {s: np.load(tmp_path / "out" / f"{s}_labels.npy") for s in SPLITS}
+    for row in manifest.files:
+        assert row.path.split("/")[1] == row.class_name == manifest.classes[labels[row.split][row.index]]
+
+
+def test_partial_pre_split_draws_only_the_missing_split(tmp_path: Path, make_image_folder: Callable) -> None:
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=30)
+    make_image_folder(data / "test", per_class=5, seed=1)
+    manifest = preprocess_folder(data, tmp_path / "out", params(), SEED)
+    assert manifest.split_source == {"train": "folder", "val": "hash", "test": "folder"}
+    before = rows_split(manifest)
+    assert {p for p, s in before.items() if s == "test"} == {p for p in before if p.startswith("test/")}
+    for row in manifest.files:  # val comes out of train only, by the hash split with test_fraction 0
+        if row.path.startswith("train/"):
+            assert row.split == assign_split(row.sha256, SEED, 0.2, 0.0)
+    assert 0 < manifest.counts["val"] < 90 and manifest.counts["test"] == 15
+
+    make_image_folder(data / "train", per_class=10, start=30)  # adding files never moves an existing one
+    make_image_folder(data / "test", per_class=2, start=5, seed=1)
+    after = rows_split(preprocess_folder(data, tmp_path / "out", params(), SEED))
+    assert len(after) == len(before) + 36
+    assert {path: after[path] for path in before} == before
+
+
+def test_only_a_train_folder_draws_val_and_test(tmp_path: Path, make_image_folder: Callable) -> None:
+    make_image_folder(tmp_path / "data" / "train", per_class=30)
+    manifest = preprocess_folder(tmp_path / "data", tmp_path / "out", params(), SEED)
+    assert manifest.split_source == {"train": "folder", "val": "hash", "test": "hash"}
+    assert all(row.split == assign_split(row.sha256, SEED, 0.2, 0.2) for row in manifest.files)
+
+
+def test_classes_file_and_param_give_the_label_order(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "classes.txt").write_text("c2\nc0\nc1\n")
+    manifest = preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
+    assert (manifest.classes, manifest.classes_source) == (["c2", "c0", "c1"], "file")
+    labels = {s: np.load(tmp_path / "out" / f"{s}_labels.npy") for s in SPLITS}
+    for row in manifest.files:
+        assert labels[row.split][row.index] == ["c2", "c0", "c1"].index(row.class_name)
+    assert [np.bincount(labels[s], minlength=3).tolist() for s in SPLITS] == \
+        [manifest.class_counts[s] for s in SPLITS]
+
+    by_param = preprocess_folder(image_folder, tmp_path / "out", params(classes=["c1", "c2", "c0"]), SEED)
+    assert (by_param.classes, by_param.classes_source) == (["c1", "c2", "c0"], "param")
+    (image_folder / "classes.txt").write_text("c2\nc0\nc1\nc3\n")  # listed, but no images
+    with pytest.raises(PreprocessError, match=re.escape(f"class 'c3' has no usable image: add images to "
+                                                        f"{image_folder / 'c3'}/ or remove it from "
+                                                        f"{image_folder / 'classes.txt'}")):
+        preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
+
+
+# ----------------------------------------------------------------------------- incremental
+def record_calls(monkeypatch: pytest.MonkeyPatch, log: Path) -> Callable[[str], list[str]]:
+    """Make images.preprocess (a decode) and images.open_image (any read of an image) append the file
+    they were given to ``log``: the stage's workers are forked, so they inherit the patch, and a
+    shared file brings their calls back. Returns ``calls(kind)``: sorted file names."""
+    for kind in ("preprocess", "open_image"):
+        original = getattr(images, kind)
+
+        def wrapper(source, *args, _original=original, _kind=kind, **kwargs):
+            with open(log, "a") as handle:
+                handle.write(f"{_kind} {Path(source).relative_to(log.parent / 'data').as_posix()}\n")
+            return _original(source, *args, **kwargs)
+
+        monkeypatch.setattr(images, kind, wrapper)
+
+    def calls(kind: str) -> list[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return sorted({line.split(" ", 1)[1] for line in lines if line.startswith(f"{kind} ")})
+
+    return calls
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_incremental_run_decodes_only_touched_files_and_equals_a_fresh_run(
+    image_folder: Path, tmp_path: Path, make_image_folder: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    same_size = image_folder / "c1" / "same_size.png"  # uncompressed: the size depends on the pixels' shape only
+    images.Image.fromarray(np.full((12, 12, 3), (40, 200, 40), np.uint8)).save(same_size, compress_level=0)
+    preprocess_folder(image_folder, out, params(), SEED, cache)
+
+    make_image_folder(image_folder, per_class=2, start=30)  # 6 new files
+    added = [f"c{k}/img_{i:03d}.png" for k in range(3) for i in (30, 31)]
+    changed = ["c0/img_003.png", "c2/img_010.png", "c1/same_size.png"]
+    for rel in changed[:2]:  # new content under the same name
+        pixels = np.asarray(images.open_image(image_folder / rel).convert("RGB"))
+        images.Image.fromarray(255 - pixels).save(image_folder / rel)
+    # New content in place with the same size and the old mtime (as `cp -p` leaves it): only the
+    # ctime tells, so the file is read again rather than trusted by size and mtime.
+    before = same_size.stat()
+    images.Image.fromarray(np.full((12, 12, 3), (60, 190, 50), np.uint8)).save(same_size, compress_level=0)
+    os.utime(same_size, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (same_size.stat().st_size, same_size.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    for rel in ["c1/img_007.png", "c2/img_000.png"]:
+        (image_folder / rel).unlink()
+    calls = record_calls(monkeypatch, tmp_path / "calls.log")
+    incremental = preprocess_folder(image_folder, out, params(), SEED, cache)
+
+    assert calls("preprocess") == sorted(added + changed)  # decoded: only the touched files
+    assert calls("open_image") == sorted(added + changed)  # not even a header of the others
+    assert len(incremental.files) == 91 + 6 - 2
+    for name in ("train_images.npy", "val_images.npy", "test_images.npy"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o444  # hard-linked into the cache: read-only
+    monkeypatch.undo()
+    fresh = preprocess_folder(image_folder, tmp_path / "fresh", params(), SEED)  # no cache: decodes all
+    assert fresh == incremental
+    assert files_of(out) == files_of(tmp_path / "fresh")  # arrays, labels and manifest, byte for byte
+
+    calls = record_calls(monkeypatch, tmp_path / "again.log")
+    assert preprocess_folder(image_folder, out, params(), SEED, cache) == fresh
+    assert calls("preprocess") == [] and calls("open_image") == []
+    assert files_of(out) == files_of(tmp_path / "fresh")
+    (cached,) = cache.glob("*/train_images.npy")  # unchanged splits are links to the last arrays, not copies
+    assert (out / "train_images.npy").stat().st_ino == cached.stat().st_ino
+
+
+def test_cache_is_keyed_by_the_params_and_keeps_two_sets(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    preprocess_folder(image_folder, out, params(), SEED, cache)
+    calls = record_calls(monkeypatch, tmp_path / "size20.log")
+    resized = preprocess_folder(image_folder, out, params(size=20), SEED, cache)
+    assert len(calls("preprocess")) == 90 and resized.image_size == 20
+    calls = record_calls(monkeypatch, tmp_path / "size16.log")
+    preprocess_folder(image_folder, out, params(), SEED, cache)  # the first set is still there
+    assert calls("preprocess") == []
+    calls = record_calls(monkeypatch, tmp_path / "channels.log")
+    preprocess_folder(image_folder, out, params(channels=1), SEED, cache)
+    assert len(calls("preprocess")) == 90
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # bounded: the 2 most recent sets
+    assert len(list(cache.glob("files-*.npy"))) == 1
+
+
+def test_a_damaged_cache_is_ignored(image_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = preprocess_folder(image_folder, tmp_path / "out", params(), SEED, cache)
+    (index,) = cache.glob("*/index.npy")
+    index.write_bytes(b"not an array")
+    assert preprocess_folder(image_folder, tmp_path / "out", params(), SEED, cache) == first
+
+
+def test_progress_lines_when_output_is_a_pipe(image_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"preprocess": {"size": 16, "val_fraction": 0.2,
+                                                                         "test_fraction": 0.2, "workers": 2}}))
+    env = {**os.environ, "CNN_PROGRESS_INTERVAL": "0"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.preprocess", "--data", str(image_folder), "--out",
+                           str(tmp_path / "out"), "--params", str(tmp_path / "params.yaml"), "--cache", ""],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert "\r" not in done.stderr
+    decode = [line for line in lines if line.startswith("decode: ")]
+    assert len(decode) >= 10  # a line per interval (0 s here), not one bar redrawn in place
+    assert re.fullmatch(r"decode: 90/90 img \(100%\), [\d.]+img/s, elapsed 00:\d\d, ETA 00:00", decode[-1])
+    assert any(line.startswith("hash: 90/90 img") for line in lines)
 
 
 def dvc(*args: str, cwd: Path) -> str:
