@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pipeline import images
 from pipeline.config import PreprocessParams, load_params
 from pipeline.contract import SPLITS, FileRow, Manifest, SkippedFile
+from pipeline.cpus import usable_cpus
 from pipeline.datasets import scan_image_folder
 from pipeline.errors import UserError, run_command, setup_logging
 from pipeline.files import replace_dir
@@ -158,7 +159,7 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
     classes, files = scan_image_folder(data_dir)
     if len(classes) < 2:
         raise PreprocessError(f"{data_dir}: found {len(classes)} class folder(s); a classifier needs at least 2")
-    workers = params.workers or os.cpu_count() or 1
+    workers = params.workers or usable_cpus()  # not os.cpu_count(): a pod may get 2 of 64 cores
     sources = [Source(path, label) for path, label in files]
 
     with multiprocessing.get_context("fork").Pool(workers) as pool:
