@@ -141,10 +141,14 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
     pacer = None
     if device.type == "cpu":
         # Ranks on this machine share its usable CPUs (affinity, cgroup quota), not all its cores.
-        pacer = ThreadPacer(p.threads, usable_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        if main_process:
-            log.info("%s CPU threads per process (train.threads: %s)",
-                     "adaptive" if pacer.adaptive else pacer.threads, p.threads)
+        usable = usable_cpus()
+        pacer = ThreadPacer(p.threads, usable, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if main_process and pacer.adaptive:
+            log.info("CPU threads: adaptive, the fastest of %s each epoch (%d usable CPUs; not bit-reproducible)",
+                     pacer.candidates, usable)
+        elif main_process:
+            log.info("CPU threads: %d per process (%d usable CPUs, train.threads: %s)", pacer.threads, usable,
+                     p.threads)
     else:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -216,6 +220,8 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
                 val = evaluate(model, val_x, val_y, ctx)
                 row = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_top1": val["top1"],
                        "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"]}
+                if pacer is not None:  # MLflow shows what adaptive chose, epoch by epoch
+                    row["cpu_threads"] = pacer.threads
                 history.append(row)
                 if val["top1"] > best["val_top1"]:
                     best = {"epoch": epoch, "val_top1": val["top1"], "val_top5": val["top5"],
