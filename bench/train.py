@@ -9,8 +9,8 @@ Both run in this process, one after the other, on the default digits images.
 
 Contention. LeNet-5 at 32 px through the train stage's own loop (``train_one_epoch`` with the
 ``ThreadPacer``), quiet and then with one busy competitor process (a Python spin loop), for
-1 thread, all usable CPUs, the default (``threads: 0``) and ``adaptive``. Each figure is the
-median of ``--repeats`` runs; ratios are against the best fixed count in the same condition.
+1 thread, all usable CPUs, the default (``threads: 0``) and ``adaptive``. Settings run round-robin,
+``--repeats`` rounds, each figure the median; ratios are against the best fixed count in the same condition.
 """
 
 from __future__ import annotations
@@ -163,11 +163,14 @@ def contention_table(folder: Path, batch_size: int, steps: int, repeats: int) ->
                 competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 time.sleep(0.5)
             try:
-                rows = {}
-                for name, setting in settings:
-                    runs = [run_pacer(setting, pre, batch_size, steps) for _ in range(repeats)]
-                    rows[name] = (statistics.median(r[0] for r in runs), any(r[1] for r in runs))
-                results[condition] = rows
+                # Round-robin, not one setting after the other: load from other jobs drifts, and
+                # each round then sees about the same drift for every setting.
+                runs: dict[str, list[tuple[float, bool]]] = {name: [] for name, _ in settings}
+                for _ in range(repeats):
+                    for name, setting in settings:
+                        runs[name].append(run_pacer(setting, pre, batch_size, steps))
+                results[condition] = {name: (statistics.median(r[0] for r in rs), any(r[1] for r in rs))
+                                      for name, rs in runs.items()}
             finally:
                 if competitor is not None:
                     competitor.kill()
@@ -218,8 +221,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=usable_cpus(), help="input table: torch threads")
-    parser.add_argument("--contention-steps", type=int, default=200, help="steps per contention run")
-    parser.add_argument("--repeats", type=int, default=1, help="contention runs per cell (median)")
+    parser.add_argument("--contention-steps", type=int, default=150, help="steps per contention run")
+    parser.add_argument("--repeats", type=int, default=3, help="contention rounds (median per cell)")
     parser.add_argument("--only", choices=["input", "contention"], help="one table")
     args = parser.parse_args()
     if args.only != "contention":

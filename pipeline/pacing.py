@@ -78,7 +78,8 @@ class ThreadPacer:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._seconds_per_image = []
-        if self.adaptive and len(self.candidates) > 1:
+        # An epoch shorter than the trial carries it into the next one instead of restarting it.
+        if self.adaptive and len(self.candidates) > 1 and not self._trial:
             self._trial, self._timed = list(self.candidates), {}
             torch.set_num_threads(self._trial[0])
 

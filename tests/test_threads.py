@@ -132,6 +132,16 @@ def test_adaptive_keeps_the_fastest_count(torch_threads, no_queueing, caplog):
     assert "WARNING" not in caplog.text
 
 
+def test_adaptive_trial_spans_short_epochs(torch_threads, no_queueing):
+    per_image = {1: 1e-4, 2: 3e-4}
+    pacer = ThreadPacer("adaptive", usable=2)
+    for epoch in range(1, 6):  # 2 steps per epoch, 8 needed to time both counts
+        pacer.start_epoch(epoch)
+        for _ in range(2):
+            pacer.step_done(per_image[torch.get_num_threads()] * 64, 64)
+    assert pacer.threads == 1 and torch.get_num_threads() == 1
+
+
 def test_slowdown_within_an_epoch_warns_once_with_the_factor(torch_threads, no_queueing, caplog):
     pacer = ThreadPacer(2, usable=2)
     pacer.start_epoch(1)
