@@ -5,12 +5,15 @@ every step waits at intra-op barriers for its slowest thread, and a thread the s
 parks behind another process stalls all of them. LeNet-5 on 2 cores with one busy competitor:
 2 threads 3,639 img/s, 1 thread 9,429. So the fixed count warns once when it sees contention,
 and ``train.threads: adaptive`` times the candidate counts at each epoch's start and keeps the
-fastest (floating-point sums then depend on the machine's load: not bit-reproducible).
+fastest (floating-point sums then depend on the machine's load: not bit-reproducible). A trial
+costs the steps run at the slower counts, so trials are spaced to keep that under BUDGET of the
+training time (every epoch when epochs are long, every few when they are a handful of steps).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
@@ -24,6 +27,8 @@ SLOWDOWN = 1.5  # recent / epoch-start step time that counts as contention
 WAITING = 0.25  # share of the threads' time spent queued for a CPU that counts as contention
 TRIAL_WARMUP = 1  # untimed steps after a thread-count change (oneDNN re-plans its kernels)
 TRIAL_STEPS = 3  # timed steps per candidate
+ABORT = 2.0  # a candidate this much slower than the first one on any step is dropped at once
+BUDGET = 0.05  # share of training time re-measuring may cost: sets the epochs between trials
 
 
 def runqueue_wait_seconds() -> float | None:
@@ -70,43 +75,70 @@ class ThreadPacer:
         self.warned = False
         self.epoch = 0
         self._seconds_per_image: list[float] = []
-        self._trial: list[int] = []  # counts still to time in this epoch's trial
-        self._timed: dict[int, list[float]] = {}
+        self._trial: list[int] = []  # counts still to time in the running trial, current first
+        self._timed: dict[int, list[float]] = {}  # count -> seconds per image of its trial steps
+        self._trial_cost = [0.0, 0]  # seconds and images the running trial has taken
+        self._waste: float | None = None  # seconds the finished trial cost beyond the chosen count
+        self._best_per_image = 0.0
+        self._epoch_images = 0
+        self._next_trial = 1  # epoch
+        self._trials = 0
         self._wait_mark: tuple[float, float] | None = None
         torch.set_num_threads(self.threads)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._seconds_per_image = []
+        if self._waste is not None and self._epoch_images:
+            # the trial that just finished cost `waste`: the next one comes after enough epochs
+            # (at the chosen count's speed) that trials stay under BUDGET of the training time
+            epoch_seconds = self._epoch_images * self._best_per_image
+            self._next_trial = epoch - 1 + max(1, math.ceil(self._waste / max(BUDGET * epoch_seconds, 1e-9)))
+            self._waste = None
+        self._epoch_images = 0
         # An epoch shorter than the trial carries it into the next one instead of restarting it.
-        if self.adaptive and len(self.candidates) > 1 and not self._trial:
-            self._trial, self._timed = list(self.candidates), {}
+        if self.adaptive and len(self.candidates) > 1 and not self._trial and epoch >= self._next_trial:
+            # First trial: 1 thread first, the safe reference on a busy machine. Later ones: the
+            # current choice first, so the slower counts are the ones cut short.
+            first = [self.threads] if self._trials else [1]
+            self._trial = first + [n for n in self.candidates if n not in first]
+            self._timed, self._trial_cost = {}, [0.0, 0]
             torch.set_num_threads(self._trial[0])
 
     def step_done(self, seconds: float, images: int) -> None:
         """Called after every training step with its wall time and batch size."""
         per_image = seconds / max(images, 1)
+        self._epoch_images += images
         if self._trial:
-            self._time_candidate(per_image)
+            self._time_candidate(per_image, seconds, images)
         elif not self.adaptive and self.threads > 1 and not self.warned:
             self._watch(per_image)
 
     # ----------------------------------------------------------------- adaptive
-    def _time_candidate(self, per_image: float) -> None:
+    def _time_candidate(self, per_image: float, seconds: float, images: int) -> None:
         count = self._trial[0]
         timed = self._timed.setdefault(count, [])
         timed.append(per_image)
-        if len(timed) < TRIAL_WARMUP + TRIAL_STEPS:
+        self._trial_cost[0] += seconds
+        self._trial_cost[1] += images
+        reference = next(iter(self._timed.values()))
+        hopeless = timed is not reference and per_image > ABORT * statistics.median(reference[TRIAL_WARMUP:])
+        if len(timed) < TRIAL_WARMUP + TRIAL_STEPS and not hopeless:
             return
         self._trial.pop(0)
         if self._trial:
             torch.set_num_threads(self._trial[0])
             return
-        rates = {n: 1 / statistics.median(t[TRIAL_WARMUP:]) for n, t in self._timed.items()}
+        rates = {n: 1 / statistics.median(t[TRIAL_WARMUP:] or t) for n, t in self._timed.items()}
         self.threads = max(rates, key=rates.get)
         torch.set_num_threads(self.threads)
+        self._trials += 1
+        self._best_per_image = 1 / rates[self.threads]
+        self._waste = max(0.0, self._trial_cost[0] - self._trial_cost[1] * self._best_per_image)
         log.info("epoch %d: %d thread%s (adaptive; img/s %s)", self.epoch, self.threads,
-                 "" if self.threads == 1 else "s", ", ".join(f"{n}: {r:,.0f}" for n, r in rates.items()))
+                 "" if self.threads == 1 else "s",
+                 ", ".join(f"{n}: {r:,.0f}{'' if len(self._timed[n]) > TRIAL_STEPS else ' (cut short)'}"
+                           for n, r in rates.items()))
 
     # ----------------------------------------------------------------- fixed count: warn once
     def _watch(self, per_image: float) -> None:

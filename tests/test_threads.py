@@ -125,11 +125,28 @@ def test_adaptive_keeps_the_fastest_count(torch_threads, no_queueing, caplog):
     caplog.set_level(logging.INFO, "pipeline.pacing")
     for epoch, per_image, best in ((1, busy, 1), (2, quiet, 4)):
         pacer.start_epoch(epoch)
-        for _ in range(30):
+        for _ in range(200):  # long epochs: a trial costs little, one every epoch
             pacer.step_done(per_image[torch.get_num_threads()] * 64, 64)
         assert pacer.threads == best and torch.get_num_threads() == best
     assert "epoch 1: 1 thread (adaptive" in caplog.text and "epoch 2: 4 threads (adaptive" in caplog.text
     assert "WARNING" not in caplog.text
+
+
+def test_adaptive_spaces_trials_to_keep_their_cost_near_5_percent(torch_threads, no_queueing, caplog):
+    # 20-step epochs on a busy machine: the cut-short 2- and 4-thread steps cost 6 steps' worth
+    # per trial, so re-measuring every epoch would cost 30%
+    per_image = {1: 1e-4, 2: 3e-4, 4: 5e-4}
+    pacer = ThreadPacer("adaptive", usable=4)
+    caplog.set_level(logging.INFO, "pipeline.pacing")
+    spent = 0.0
+    for epoch in range(1, 13):
+        pacer.start_epoch(epoch)
+        for _ in range(20):
+            spent += per_image[torch.get_num_threads()] * 64
+            pacer.step_done(per_image[torch.get_num_threads()] * 64, 64)
+    trials = [r.getMessage() for r in caplog.records if "adaptive" in r.getMessage()]
+    assert [t.split(":")[0] for t in trials] == ["epoch 1", "epoch 7"]
+    assert spent / (12 * 20 * 64 * per_image[1]) <= 1.051
 
 
 def test_adaptive_trial_spans_short_epochs(torch_threads, no_queueing):
