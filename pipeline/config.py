@@ -64,12 +64,21 @@ class TrainParams(_Section):
     device: str = "auto"
     compile: bool = False
     init_weights: str = ""
-    threads: int = Field(0, ge=0)  # CPU threads, 0 = all usable cores
+    # CPU threads: 0 = every CPU this process may use, "adaptive" = re-measured each epoch
+    threads: int | Literal["adaptive"] = 0
 
     @field_validator("init_weights", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return "" if value is None else value
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _thread_count(cls, value: Any) -> Any:
+        # one message naming both forms, instead of one pydantic error per union member
+        if value == "adaptive" or (type(value) is int and value >= 0):
+            return value
+        raise ValueError("expected a whole number >= 0 (0 = every usable CPU) or 'adaptive'")
 
     @field_validator("device")
     @classmethod

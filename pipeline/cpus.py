@@ -1,9 +1,9 @@
-"""How many CPUs this process may really use: affinity and cgroup quotas, not ``os.cpu_count()``.
+"""How many CPUs this process may actually use: affinity mask and cgroup CPU quota.
 
-In a container ``os.cpu_count()`` reports the host's cores, while the CPU quota of the
-cgroup (``docker run --cpus 2``, a Kubernetes ``limits.cpu``) is what the scheduler grants:
-sizing thread pools and workers by the host count oversubscribes the quota and gets the
-process throttled. Standard library only, so it ships in the Bento (bentofile.yaml).
+``os.cpu_count()`` counts the machine's cores, but a process pinned with ``taskset``, a Docker
+container with ``--cpus`` or a Kubernetes pod with a CPU limit gets fewer. Sizing thread
+pools by the machine makes threads queue for a share they cannot have. Stdlib only, so it
+ships in the Bento (the service sizes its workers and threads with it).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def _affinity() -> int:
@@ -22,71 +20,81 @@ def _affinity() -> int:
         return os.cpu_count() or 1
 
 
-def _read(path: Path) -> str | None:
+def _own_cgroups(proc_cgroup: Path) -> tuple[str, str]:
+    """This process's cgroup v2 path and v1 ``cpu`` controller path (``/`` when unknown)."""
+    v2 = v1 = "/"
     try:
-        return path.read_text().strip()
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
-        return None
+        return v2, v1
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            v2 = path or "/"
+        elif "cpu" in controllers.split(","):
+            v1 = path or "/"
+    return v2, v1
 
 
-def _own_cgroup_dirs(cgroup_root: Path, proc_cgroup: Path) -> list[Path]:
-    """The cgroup folders that hold this process's quota: its own path under each hierarchy,
-    then the root (a container sees its own cgroup mounted as the root)."""
-    dirs: list[Path] = []
-    text = _read(proc_cgroup) or ""
-    for line in text.splitlines():
-        parts = line.split(":", 2)  # "hierarchy-id:controllers:path"; v2 is "0::/path"
-        if len(parts) != 3:
-            continue
-        _, controllers, rel = parts
-        rel = rel.lstrip("/")
-        if controllers == "":  # v2 unified hierarchy
-            dirs.append(cgroup_root / rel)
-        elif "cpu" in controllers.split(","):  # v1: cpu or cpu,cpuacct
-            for mount in (cgroup_root / "cpu", cgroup_root / "cpu,cpuacct", cgroup_root / "cpuacct,cpu"):
-                dirs.append(mount / rel)
-                dirs.append(mount)
-    dirs.append(cgroup_root)
-    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
+def _dirs_up(base: Path, cgroup: str) -> list[Path]:
+    """``base/cgroup`` and every parent up to ``base``: a limit anywhere above applies too.
 
-
-def cgroup_quota(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
-    """The CPU quota in CPUs (``cpu.max`` on cgroup v2, ``cpu.cfs_quota_us / cpu.cfs_period_us``
-    on v1), or None when there is none. The smallest quota found on the way up counts."""
-    quotas: list[float] = []
-    for folder in _own_cgroup_dirs(cgroup_root, proc_cgroup):
-        v2 = _read(folder / "cpu.max")  # "max 100000" or "200000 100000"
-        if v2:
-            fields = v2.split()
-            if len(fields) >= 1 and fields[0] != "max":
-                try:
-                    period = int(fields[1]) if len(fields) > 1 else 100_000
-                    if int(fields[0]) > 0 and period > 0:
-                        quotas.append(int(fields[0]) / period)
-                except ValueError:
-                    pass
-        quota, period_text = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-        if quota and period_text:
-            try:
-                if int(quota) > 0 and int(period_text) > 0:  # -1 = no quota
-                    quotas.append(int(quota) / int(period_text))
-            except ValueError:
-                pass
-    return min(quotas) if quotas else None
-
-
-def usable_cpus(cgroup_root: Path | str = CGROUP_ROOT, proc_cgroup: Path | str = Path("/proc/self/cgroup")) -> int:
-    """CPUs this process can use: its affinity mask, capped by a cgroup quota (rounded up, at least 1).
-
-    Args:
-        cgroup_root: where the cgroup filesystem is mounted (tests pass a fake tree).
-        proc_cgroup: this process's cgroup membership file.
+    Inside a container the cgroup namespace makes the own cgroup ``/`` (just ``base``); on a
+    host the path names a slice whose parents may carry the quota.
     """
-    count = _affinity()
-    quota = cgroup_quota(Path(cgroup_root), Path(proc_cgroup))
-    if quota is not None:
-        count = min(count, math.ceil(quota))
-    return max(1, count)
+    parts = [p for p in cgroup.strip("/").split("/") if p and p != ".."]
+    return [base.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _quota_v2(directory: Path) -> float | None:
+    """CPUs allowed by ``cpu.max`` (``"max 100000"`` or ``"150000 100000"``), None if unlimited."""
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or float(period) <= 0:
+        return None
+    return float(quota) / float(period)
+
+
+def _quota_v1(directory: Path) -> float | None:
+    """CPUs allowed by ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1 = unlimited)."""
+    try:
+        quota = float((directory / "cpu.cfs_quota_us").read_text())
+        period = float((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period
+
+
+def cgroup_cpu_limit(cgroup_root: str | Path = "/sys/fs/cgroup",
+                     proc_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
+    """The tightest CPU quota (in CPUs, may be fractional) over cgroup v2 and v1; None if none."""
+    root = Path(cgroup_root)
+    v2_path, v1_path = _own_cgroups(Path(proc_cgroup))
+    limits = [_quota_v2(d) for d in _dirs_up(root, v2_path)]
+    # v1 mounts the controller as cpu/, cpu,cpuacct/ or cpuacct,cpu/ (often symlinked together)
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        if (root / controller).is_dir():
+            limits += [_quota_v1(d) for d in _dirs_up(root / controller, v1_path)]
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def usable_cpus(cgroup_root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v1/v2 CPU quota.
+
+    A fractional quota rounds up (1.5 CPUs → 2 threads: the second thread still gets half a
+    CPU of work done); never less than 1. Both paths are parameters so tests can pass a fake tree.
+    """
+    cpus = _affinity()
+    limit = cgroup_cpu_limit(cgroup_root, proc_cgroup)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
 
 
 if __name__ == "__main__":

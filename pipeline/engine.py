@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import closing
 
 import numpy as np
 import torch
@@ -39,6 +40,16 @@ class Context:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+
+# Values written to committed files (metrics/, plots/) keep 4 decimals: float sums differ in the
+# last bits between CPUs of the same kind (vector width, thread count), and at 6 decimals a
+# fresh clone's run rewrote tracked metrics (val_loss 0.086513 -> 0.086514). MLflow keeps full precision.
+METRIC_DECIMALS = 4
+
+
+def round_metric(value: float) -> float:
+    return round(float(value), METRIC_DECIMALS)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -90,34 +101,42 @@ def build_scheduler(optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_
 
 def train_one_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
                     optimizer: torch.optim.Optimizer, scheduler, ctx: Context, p: TrainParams,
-                    generator: torch.Generator, progress: bool = True) -> dict[str, float]:
-    """One pass over ``order``; returns loss, accuracy, images/s, data-wait share, seconds."""
+                    generator: torch.Generator, progress: bool = True,
+                    on_step: Callable[[float, int], None] | None = None) -> dict[str, float]:
+    """One pass over ``order``; returns loss, accuracy, images/s, data-wait share, seconds.
+
+    ``on_step(seconds, images)`` sees every step (the thread pacer).
+    """
     model.train()
     loss_sum = correct = seen = 0.0
     wait = 0.0
     start = tick = time.perf_counter()
     steps = math.ceil(len(order) / max(p.batch_size, 1))
-    loader = batches(images, labels, p.batch_size, order, pin=ctx.device.type == "cuda")
-    bar = progress_bar(loader, total=steps, desc="train", unit="batch", enabled=progress, leave=False)
-    for x, y in bar:
-        wait += time.perf_counter() - tick
-        x = to_input(x, ctx.mean, ctx.std, ctx.device, ctx.channels_last)
-        y = y.to(ctx.device, non_blocking=True)
-        if p.augment:
-            x = augment(x, generator, pad=max(1, x.shape[-1] // 8))
-        with ctx.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        # .item() syncs; once per step is fine at these sizes and keeps the meter exact.
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        tick = time.perf_counter()
+    # closing(): an exception raised here keeps this frame (and a plain generator in a local)
+    # alive in its traceback; the loader thread must stop now, not when that is collected.
+    with closing(batches(images, labels, p.batch_size, order, pin=ctx.device.type == "cuda")) as loader:
+        bar = progress_bar(loader, total=steps, desc="train", unit="batch", enabled=progress, leave=False)
+        for x, y in bar:
+            wait += time.perf_counter() - tick
+            x = to_input(x, ctx.mean, ctx.std, ctx.device, ctx.channels_last)
+            y = y.to(ctx.device, non_blocking=True)
+            if p.augment:
+                x = augment(x, generator, pad=max(1, x.shape[-1] // 8))
+            with ctx.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            # .item() syncs; once per step is fine at these sizes and keeps the meter exact.
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            if on_step is not None:
+                on_step(time.perf_counter() - tick, len(y))
+            tick = time.perf_counter()
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen,
             "images_per_s": seen / seconds, "data_wait": wait / seconds, "epoch_seconds": seconds}
@@ -129,15 +148,16 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, ctx: Cont
     """Loss, top-1 and top-k (k = min(5, classes)) accuracy on a split."""
     model.eval()
     loss_sum = top1 = top5 = 0.0
-    for x, y in batches(images, labels, batch_size, pin=ctx.device.type == "cuda"):
-        x = to_input(x, ctx.mean, ctx.std, ctx.device, ctx.channels_last)
-        y = y.to(ctx.device)
-        with ctx.autocast():
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (ranked[:, 0] == y).sum().item()
-        top5 += (ranked == y[:, None]).any(1).sum().item()
+    with closing(batches(images, labels, batch_size, pin=ctx.device.type == "cuda")) as loader:
+        for x, y in loader:
+            x = to_input(x, ctx.mean, ctx.std, ctx.device, ctx.channels_last)
+            y = y.to(ctx.device)
+            with ctx.autocast():
+                logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += (ranked[:, 0] == y).sum().item()
+            top5 += (ranked == y[:, None]).any(1).sum().item()
     n = max(len(labels), 1)
     return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n}
 
@@ -148,6 +168,6 @@ def predict_logits(model: nn.Module, images: np.ndarray, mean: Sequence[float], 
     """Float32 logits N×K on the CPU for uint8 images, normalised with the training mean/std."""
     model.eval()
     ctx = Context.for_device(torch.device("cpu"), mean, std)
-    out = [model(to_input(x, ctx.mean, ctx.std, ctx.device)).float().numpy()
-           for x, _ in batches(images, np.zeros(len(images), dtype=np.int64), batch_size)]
+    with closing(batches(images, np.zeros(len(images), dtype=np.int64), batch_size)) as loader:
+        out = [model(to_input(x, ctx.mean, ctx.std, ctx.device)).float().numpy() for x, _ in loader]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

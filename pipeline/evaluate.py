@@ -21,7 +21,8 @@ from models.saliency import SaliencyGraph
 from pipeline import colormap, tracking
 from pipeline.config import load_params
 from pipeline.contract import ModelCard
-from pipeline.engine import predict_logits
+from pipeline.cpus import usable_cpus
+from pipeline.engine import predict_logits, round_metric
 from pipeline.errors import UserError, run_command, setup_logging
 from pipeline.files import write_json
 from pipeline.loader import load_split
@@ -153,6 +154,7 @@ def evaluate_stage(data_dir: Path, model_path: Path, run_id_path: Path, metrics_
     """The whole stage; returns the metrics written to ``metrics_path``."""
     import mlflow
 
+    torch.set_num_threads(usable_cpus())  # torch's default counts the machine's cores
     model, card = load_trained(model_path)
     classes = card.classes
     images, labels = load_split(data_dir, "test")
@@ -166,9 +168,12 @@ def evaluate_stage(data_dir: Path, model_path: Path, run_id_path: Path, metrics_
     log.info("test: top-1 %.4f  top-%d %.4f  loss %.4f  (%d images)", result["top1"], k, result["top5"],
              result["loss"], result["samples"])
 
+    # 4 decimals (round_metric) also in MLflow's test_* metrics: they and the registered version's
+    # tags are the same value as metrics/eval.json; eval/metrics.json in MLflow keeps full precision.
     # Per-class rows go to plots/ and MLflow, not metrics/: `dvc exp show` gets a column per
     # metric, which with 3 per class buries top-1/top-5 (3,000 columns for ImageNet).
-    summary = {key: round(result[key], 6) for key in ("top1", "top5", "top5_k", "loss", "samples")}
+    summary = {key: round_metric(result[key]) if isinstance(result[key], float) else result[key]
+               for key in ("top1", "top5", "top5_k", "loss", "samples")}
     write_json(metrics_path, summary)
     predicted = logits.argmax(1)
     write_json(plots_dir / "confusion.json",

@@ -25,6 +25,7 @@ from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx, fold_ad
 from pipeline import registry, tracking
 from pipeline.config import load_params
 from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ModelCard, sha256_file
+from pipeline.cpus import usable_cpus
 from pipeline.engine import predict_logits
 from pipeline.errors import run_command, setup_logging
 from pipeline.files import replace_dir
@@ -93,6 +94,7 @@ def check_parity(path: Path, model: torch.nn.Module, card: ModelCard, images: np
 def export_stage(model_path: Path, data_dir: Path, run_id_path: Path, eval_metrics_path: Path, out_dir: Path,
                  opset: int, registered_name: str, experiment: str) -> ModelCard:
     """The whole stage; returns the card of the registered version (also ``out_dir/model_card.json``)."""
+    torch.set_num_threads(usable_cpus())  # torch's default counts the machine's cores
     model, card = load_trained(model_path)
     eval_metrics = json.loads(eval_metrics_path.read_text()) if eval_metrics_path.exists() else {}
     card = card.model_copy(update={

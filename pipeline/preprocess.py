@@ -31,6 +31,7 @@ import numpy as np
 from pipeline import images
 from pipeline.config import PreprocessParams, load_params
 from pipeline.contract import SPLITS, FileRow, Manifest, SkippedFile
+from pipeline.cpus import usable_cpus
 from pipeline.datasets import CLASSES_FILE, Dataset, scan_dataset
 from pipeline.errors import UserError, run_command, setup_logging
 from pipeline.files import replace_dir
@@ -256,7 +257,7 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
     if len(dataset.classes) < 2:
         raise PreprocessError(f"{data_dir}: found {len(dataset.classes)} class folder(s); "
                               "a classifier needs at least 2")
-    workers = params.workers or os.cpu_count() or 1
+    workers = params.workers or usable_cpus()  # not os.cpu_count(): a pod may get 2 of 64 cores
     cache = PixelCache(Path(cache_dir) if cache_dir else None)
     fractions = split_fractions(dataset, params)
     sources = []

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ContractError, ModelCard
+from pipeline.cpus import usable_cpus
 from pipeline.errors import UserError
 from pipeline.files import replace_dir
 
@@ -26,10 +27,13 @@ ARTIFACT_NAME = "deployable"  # the logged model's name inside the run
 
 
 def cpu_session(path: str | Path):
-    """An onnxruntime session on the CPU (checks and signatures; serving picks its own provider)."""
+    """An onnxruntime session on the CPU (checks and signatures; serving picks its own provider),
+    with one intra-op thread per usable CPU (onnxruntime's default counts the machine's cores)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = usable_cpus()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def register(folder: Path, card: ModelCard, example: np.ndarray, experiment: str) -> str:

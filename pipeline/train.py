@@ -14,12 +14,13 @@ outputs from the DVC remote has everything ``dvc status`` checks without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,20 @@ from pipeline import tracking
 from pipeline.codebase import import_closure
 from pipeline.config import Params, load_params
 from pipeline.contract import Manifest, ModelCard
-from pipeline.engine import Context, build_optimizer, build_scheduler, evaluate, resolve_device, train_one_epoch
+from pipeline.cpus import usable_cpus
+from pipeline.engine import (
+    Context,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    resolve_device,
+    round_metric,
+    train_one_epoch,
+)
 from pipeline.errors import UserError, run_command, setup_logging
 from pipeline.files import write_atomic, write_json, write_text
 from pipeline.loader import load_split
+from pipeline.pacing import ThreadPacer
 from pipeline.trained import save_trained
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,38 @@ def seed_everything(seed: int) -> None:
 def save_checkpoint(obj: dict, path: Path) -> None:
     """torch.save to a temporary name, then rename: a kill never leaves half a file."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+class RankFailed(UserError):
+    """Another DDP process died or stopped answering: this one ends with one line, not a hang.
+
+    The cause (a traceback, an out-of-memory kill) is in that process's own output.
+    """
+
+
+def rank_order(n: int, generator: torch.Generator, rank: int, world: int) -> np.ndarray:
+    """This rank's share of the epoch's shuffle of ``n`` images; every rank gets ceil(n / world).
+
+    Padded like ``DistributedSampler``: the shuffle is extended with its own first images until
+    it divides evenly. Ranks with different lengths run different numbers of batches, and the
+    one with an extra batch waits forever in an all-reduce the others never join. Padding rather
+    than dropping the remainder: every image is still trained on each epoch (a drop leaves up to
+    world - 1 images out, possibly a rare class's), at the cost of repeating at most world - 1
+    images per epoch. With one process nothing is added: the order is the plain shuffle.
+    """
+    order = torch.randperm(n, generator=generator).numpy()
+    padded = np.resize(order, math.ceil(n / world) * world)  # np.resize repeats from the start
+    return padded[rank::world]
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo/nccl socket closed, timeout)."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                  "Timed out", "timed out", "NCCL communicator was aborted"))
 
 
 def run_fingerprint(params: Params, manifest_text: str) -> str:
@@ -99,9 +142,17 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main_process = rank == 0
+    pacer = None
     if device.type == "cpu":
-        threads = p.threads or os.cpu_count() or 1
-        torch.set_num_threads(max(1, threads // world))
+        # Ranks on this machine share its usable CPUs (affinity, cgroup quota), not all its cores.
+        usable = usable_cpus()
+        pacer = ThreadPacer(p.threads, usable, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if main_process and pacer.adaptive:
+            log.info("CPU threads: adaptive, the fastest of %s each epoch (%d usable CPUs; not bit-reproducible)",
+                     pacer.candidates, usable)
+        elif main_process:
+            log.info("CPU threads: %d per process (%d usable CPUs, train.threads: %s)", pacer.threads, usable,
+                     p.threads)
     else:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -126,7 +177,7 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
     if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, p)
-    steps_per_epoch = math.ceil(len(train_y) / world / p.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(train_y) / world) / p.batch_size)  # rank_order's length
     scheduler = build_scheduler(optimizer, p, steps_per_epoch)
 
     fingerprint = run_fingerprint(params, manifest_text)
@@ -155,7 +206,7 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
         net = torch.compile(net)
 
     tracked = tracking.run(params.mlflow.experiment, run_id=run_id) if main_process else _nullrun()
-    with tracked as active:
+    with _ends_with_peers(distributed, rank, world, checkpoint_path), tracked as active:
         run_id = active.info.run_id if main_process else ""
         if main_process and start_epoch == 1:
             _log_run_start(params, device, len(train_y))
@@ -164,13 +215,18 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
             # (seed, epoch) alone: that is what makes resume bit-identical.
             torch.manual_seed(params.base.seed * 100_003 + epoch)
             generator = torch.Generator().manual_seed(params.base.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_y), generator=generator).numpy()[rank::world]
-            stats = train_one_epoch(net, train_x, train_y, order, optimizer, scheduler, ctx, p,
-                                    generator, progress=progress and main_process)
+            order = rank_order(len(train_y), generator, rank, world)
+            if pacer is not None:
+                pacer.start_epoch(epoch)
+            stats = train_one_epoch(net, train_x, train_y, order, optimizer, scheduler, ctx, p, generator,
+                                    progress=progress and main_process,
+                                    on_step=pacer.step_done if pacer is not None else None)
             if main_process:
                 val = evaluate(model, val_x, val_y, ctx)
                 row = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_top1": val["top1"],
                        "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"]}
+                if pacer is not None:  # MLflow shows what adaptive chose, epoch by epoch
+                    row["cpu_threads"] = pacer.threads
                 history.append(row)
                 if val["top1"] > best["val_top1"]:
                     best = {"epoch": epoch, "val_top1": val["top1"], "val_top5": val["top5"],
@@ -194,6 +250,19 @@ def train(params: Params, data_dir: Path, out_dir: Path, checkpoint_path: Path,
     if distributed:
         dist.destroy_process_group()
     return result
+
+
+@contextlib.contextmanager
+def _ends_with_peers(distributed: bool, rank: int, world: int, checkpoint_path: Path) -> Iterator[None]:
+    """A collective that failed because another rank is gone becomes one clear line (RankFailed)."""
+    try:
+        yield
+    except Exception as err:
+        if not (distributed and _lost_peer(err)):
+            raise
+        reason = " ".join(str(err).split())[:300]
+        raise RankFailed(f"rank {rank} of {world}: another training process failed or stopped answering "
+                         f"({reason}); its own output says why. The next run resumes from {checkpoint_path}") from err
 
 
 class _nullrun:
@@ -237,17 +306,21 @@ def _finish(params: Params, manifest: Manifest, history: list[dict], best: dict,
         "mean_images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1),
         "mean_data_wait": round(float(np.mean([h["data_wait"] for h in history])), 4),
     }
-    # metrics/train.json is committed with the code: only deterministic numbers go there, so the
-    # same params and data reproduce it byte for byte. Timing lives in MLflow.
+    # metrics/train.json is committed with the code: only deterministic numbers go there, at
+    # round_metric's 4 decimals, so the same params and data reproduce it byte for byte on
+    # another CPU too. Timing and full precision live in MLflow.
     metrics = {
-        "final": {k: round(last[k], 6) for k in ("train_loss", "train_accuracy", "val_loss", "val_top1", "val_top5")},
-        "best": {k: round(v, 6) if isinstance(v, float) else v for k, v in best.items()},
+        "final": {k: round_metric(last[k]) for k in ("train_loss", "train_accuracy", "val_loss", "val_top1",
+                                                      "val_top5")},
+        "best": {k: round_metric(v) if isinstance(v, float) else v for k, v in best.items()},
         "epochs": len(history),
     }
     write_json(metrics_path, metrics)
-    # Timing columns differ run to run; the plot file keeps the curves DVC compares.
-    curve_keys = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_top1", "val_top5", "lr")
-    write_json(plots_path, [{k: h[k] for k in curve_keys} for h in history])
+    # Timing columns differ run to run; the plot file keeps the curves DVC compares. The learning
+    # rate spans decades: 4 significant digits rather than 4 decimals.
+    curve_keys = ("train_loss", "train_accuracy", "val_loss", "val_top1", "val_top5")
+    write_json(plots_path, [{"epoch": h["epoch"], **{k: round_metric(h[k]) for k in curve_keys},
+                             "lr": float(f"{h['lr']:.4g}")} for h in history])
     curves = out_dir / "training_curves.png"
     plot_curves(history, curves)
     tracking.with_retry(lambda: mlflow.log_metrics({"best_val_top1": best["val_top1"], **timing}))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from PIL import Image
 from pipeline import engine
 from pipeline import train as train_stage
 from pipeline.config import Params, PreprocessParams, TrainParams
+from pipeline.contract import Manifest
 from pipeline.errors import UserError
 from pipeline.preprocess import preprocess_folder
 from pipeline.trained import load_trained
@@ -188,19 +191,100 @@ def test_changed_params_do_not_resume(tiny_data, tmp_path, mlflow_store, caplog)
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
 
 
+@pytest.fixture(scope="module")
+def uneven_data(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data with exactly 65 training images: 2 ranks × batch 16 would run 3 batches on one
+    rank and 2 on the other if each took every other image of the shuffle."""
+    out = tmp_path_factory.mktemp("uneven") / "pre"
+    shutil.copytree(tiny_data, out)
+    images, labels = np.load(out / "train_images.npy")[:65], np.load(out / "train_labels.npy")[:65]
+    assert len(labels) == 65, "tiny_data needs at least 65 training images"
+    np.save(out / "train_images.npy", images)
+    np.save(out / "train_labels.npy", labels)
+    manifest = Manifest.read(out)
+    counts = np.bincount(labels, minlength=len(manifest.classes)).tolist()
+    manifest = manifest.model_copy(update={
+        "counts": {**manifest.counts, "train": 65}, "class_counts": {**manifest.class_counts, "train": counts},
+        "files": [f for f in manifest.files if f.split != "train" or f.index < 65]})
+    (out / "manifest.json").write_text(manifest.to_json())
+    return out
+
+
+def _torchrun_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tiny_data, tmp_path, mlflow_store):
+@pytest.mark.timeout(400)
+def test_ddp_two_cpu_processes_on_an_uneven_split(uneven_data, tmp_path, mlflow_store):
+    # 65 images, 2 ranks, batch 16: without equal shares rank 0 would wait forever in its 3rd
+    # batch's all-reduce; the subprocess timeout turns such a hang into a failure.
     params = _write_params(tmp_path / "params.yaml", TINY_TRAIN.model_copy(update=dict(epochs=2)))
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipeline.train",
-           *_train_cmd(tmp_path, tiny_data, params)[3:]]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+           *_train_cmd(tmp_path, uneven_data, params)[3:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_torchrun_env(), start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:  # a hang: end torchrun and its workers (its session), not just torchrun
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 2
     runs = mlflow.search_runs(experiment_names=["cnn-mlops"], output_format="list")
     assert [r.info.status for r in runs] == ["FINISHED"]  # rank 0 alone logs
     assert len(mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "val_top1")) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_killed_rank_ends_the_other_with_a_clear_message(tiny_data, tmp_path, mlflow_store):
+    # Two ranks started by hand (as two machines' launchers would): no torchrun agent to tear
+    # the survivor down, so it has to notice by itself.
+    params = _write_params(tmp_path / "params.yaml", TINY_TRAIN.model_copy(update=dict(epochs=50, batch_size=4)))
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**_torchrun_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen(_train_cmd(tmp_path, tiny_data, params), cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    survivor, victim = procs
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "ckpt" / "last.pt").exists() and survivor.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert survivor.poll() is None, survivor.communicate()[1][-3000:]
+        victim.kill()  # SIGKILL mid-training: no goodbye on the socket beyond the kernel closing it
+        victim.wait()
+        _, stderr = survivor.communicate(timeout=120)  # a hang fails here
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert survivor.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0 of 2: another training process failed or stopped answering"), last
+    assert "resumes from" in last
+    runs = mlflow.search_runs(experiment_names=["cnn-mlops"], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_rank_order_gives_every_rank_the_same_length_and_covers_everything():
+    for n, world in ((65, 2), (10, 3), (2, 4), (12, 1)):
+        shares = [train_stage.rank_order(n, torch.Generator().manual_seed(1), rank, world) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1, (n, world)
+        assert set(np.concatenate(shares)) == set(range(n))
+    plain = torch.randperm(12, generator=torch.Generator().manual_seed(1)).numpy()
+    np.testing.assert_array_equal(train_stage.rank_order(12, torch.Generator().manual_seed(1), 0, 1), plain)
 
 
 def test_cuda_requested_without_gpu_is_a_clear_error():
