@@ -171,8 +171,12 @@ def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_sto
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_is_marked_killed(tiny_data, tmp_path, mlflow_store, signum):
     params = _write_params(tmp_path / "params.yaml", TINY_TRAIN.model_copy(update=dict(epochs=50, batch_size=4)))
+    # A shell's background job (`make test &`, some CI runners) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: give the child the default disposition, as a
+    # terminal's foreground job has.
     proc = subprocess.Popen(_train_cmd(tmp_path, tiny_data, params), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (tmp_path / "ckpt" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
