@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import build_model  # noqa: E402
-from pipeline.config import TrainParams  # noqa: E402
-from pipeline.engine import Context, build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
+from pipeline.lib.config import TrainParams  # noqa: E402
+from pipeline.lib.engine import Context, build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
 
 GMAC_PER_IMAGE = 15.5
 

@@ -9,7 +9,7 @@ cost of each saliency method relative to one ``classifier.onnx`` forward at batc
 exported with that method alone (``SaliencyGraph(methods=...)``), and ``saliency.onnx`` as the
 export stage writes it (logits + gradient + guided + Grad-CAM in one call, what the service
 runs). The ONNX graphs are built as the export stage builds them (VGG16's adaptive pool folded
-into its first Linear below 224 px, see ``models.saliency.fold_adaptive_pool``); eager runs the
+into its first Linear below 224 px, see ``models.graphs.fold_adaptive_pool``); eager runs the
 model as trained. ONNX Runtime runs every node of a graph whatever outputs are fetched, so a single
 method's cost is measured on its own graph. Random seeded weights: cost does not depend on them.
 """
@@ -29,7 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import build_model  # noqa: E402
-from models.saliency import METHODS, ClassifierGraph, SaliencyGraph, export_onnx, fold_adaptive_pool  # noqa: E402
+from models.graphs import ClassifierGraph, fold_adaptive_pool  # noqa: E402
+from models.saliency import METHODS, SaliencyGraph  # noqa: E402
+from pipeline.lib.onnx_export import export_onnx  # noqa: E402
 
 CASES = [("lenet5", 1, 224), ("vgg16", 3, 64)]
 

@@ -40,8 +40,8 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from pipeline import images  # noqa: E402
-from pipeline.config import PreprocessParams  # noqa: E402
+from pipeline.common import images  # noqa: E402
+from pipeline.lib.config import PreprocessParams  # noqa: E402
 from pipeline.preprocess import SPLITS, preprocess_folder  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "photos"

@@ -40,9 +40,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from pipeline import images  # noqa: E402
-from pipeline.cpus import usable_cpus  # noqa: E402
-from serving.local import LocalServer  # noqa: E402
+from pipeline.common import images  # noqa: E402
+from pipeline.common.cpus import usable_cpus  # noqa: E402
+from pipeline.lib.local_server import LocalServer  # noqa: E402
 from serving.settings import Settings  # noqa: E402
 
 BOUNDARY = "bench-serve-boundary-7f3a9c"

@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models import build_model  # noqa: E402
-from pipeline.config import PreprocessParams, TrainParams  # noqa: E402
-from pipeline.cpus import usable_cpus  # noqa: E402
-from pipeline.datasets import write_digits  # noqa: E402
-from pipeline.engine import Context, train_one_epoch  # noqa: E402
-from pipeline.loader import batches, to_input  # noqa: E402
-from pipeline.pacing import ThreadPacer  # noqa: E402
+from pipeline.common.cpus import usable_cpus  # noqa: E402
+from pipeline.lib.config import PreprocessParams, TrainParams  # noqa: E402
+from pipeline.lib.dataset_folders import write_digits  # noqa: E402
+from pipeline.lib.engine import Context, train_one_epoch  # noqa: E402
+from pipeline.lib.loader import batches, to_input  # noqa: E402
+from pipeline.lib.pacing import ThreadPacer  # noqa: E402
 from pipeline.preprocess import preprocess_folder  # noqa: E402
 
 
@@ -131,7 +131,7 @@ def run_pacer(setting: int | str, pre: Path, batch_size: int, steps: int) -> tup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ctx = Context.for_device(torch.device("cpu"), [0.3], [0.33], channels_last=True)
     order = np.resize(np.random.default_rng(0).permutation(len(labels)), steps * batch_size)
-    warnings, pacing_log = _Warnings(), logging.getLogger("pipeline.pacing")
+    warnings, pacing_log = _Warnings(), logging.getLogger("pipeline.lib.pacing")
     pacing_log.addHandler(warnings)
     pacing_log.setLevel(logging.WARNING)
     pacing_log.propagate = False  # counted in the table, not printed

@@ -1,4 +1,4 @@
-"""ONNX-exportable classifier and saliency graphs (uint8 image in, normalisation inside).
+"""The saliency graph: the backward pass written as tensor ops, so it exports to ONNX.
 
 ``torch.autograd.grad`` cannot be exported, so :class:`SaliencyGraph` writes the backward pass
 out as ordinary tensor ops, layer by layer, over the model's ``features`` → ``avgpool`` →
@@ -32,23 +32,20 @@ Conventions of the outputs:
   per-image maximum, so it lies in [0, 1]; a map that is all zero (no location weighs
   positively) stays all zero.
 
-Export uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the torch 2.x
-default), opset 18, batch dimension dynamic; :func:`export_onnx` writes a single self-contained
-``.onnx`` file with metadata props, atomically.
+The uint8 input and the normalisation come from :mod:`models.graphs`; writing the ONNX file is
+:mod:`pipeline.lib.onnx_export`'s job.
 """
 
 from __future__ import annotations
 
-import copy
-import os
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
+
+from models.graphs import Normalize
 
 # Layers SaliencyGraph knows how to differentiate; anything else is refused at construction.
 METHODS = ("gradient", "guided", "gradcam")  # saliency.onnx outputs after logits, in this order
@@ -57,51 +54,6 @@ _SUPPORTED = (
     nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Tanh, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
     nn.Dropout, nn.Identity, nn.Flatten, nn.Linear,
 )
-
-
-class Normalize(nn.Module):
-    """uint8 image (N, C, H, W) → float ``(x / 255 - mean) / std`` per channel.
-
-    Args:
-        mean: per-channel mean, 0–1 scale (one value per image channel).
-        std: per-channel standard deviation, 0–1 scale.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != len(std):
-            raise ValueError(f"mean and std differ in length: {list(mean)} vs {list(std)}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # The buffers' dtype, not float32: a float64 copy of a graph then computes in float64 throughout.
-        return (image.to(self.mean.dtype) / 255 - self.mean) / self.std
-
-
-class ClassifierGraph(nn.Module):
-    """``classifier.onnx``: uint8 image → (logits, softmax probabilities), both (N, K).
-
-    Puts ``model`` in eval mode and freezes its parameters.
-
-    Args:
-        model: a network from :mod:`models` (any ``nn.Module`` taking normalised images works).
-        mean: per-channel mean of the training images, 0–1 scale.
-        std: per-channel standard deviation, 0–1 scale.
-    """
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.model = model.eval().requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> ClassifierGraph:
-        return super().train(False)  # an export graph is always in inference mode
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(self.normalize(image))
-        return logits, logits.softmax(dim=1)
 
 
 class SaliencyGraph(nn.Module):
@@ -356,44 +308,6 @@ def _conv_input_grad(g: torch.Tensor, conv: nn.Conv2d, output_padding: tuple[int
     return F.conv_transpose2d(g, conv.weight, None, conv.stride, conv.padding, output_padding, 1, conv.dilation)
 
 
-def fold_adaptive_pool(model: nn.Module, image_size: int) -> nn.Module:
-    """A copy of ``model`` for a fixed ``image_size`` with its adaptive average pool folded into
-    the first Linear, when that makes the Linear smaller; else ``model`` itself.
-
-    VGG pools its 512×h×w features to 7×7 before a 25088×4096 Linear (400 MB in float32). Below
-    224 px, h×w < 7×7 and the pool only replicates pixels, so pool → flatten → Linear equals one
-    Linear on the h×w features with weight ``W·(I ⊗ P)`` (P the pool as a 49×hw matrix): at 64 px
-    8 MB instead of 400 MB, which is most of a batch-1 forward (and of saliency's backward).
-    Exact up to float rounding; the training code keeps the unfolded model.
-    """
-    avgpool, classifier = getattr(model, "avgpool", None), getattr(model, "classifier", None)
-    if not isinstance(avgpool, nn.AdaptiveAvgPool2d) or not isinstance(classifier, nn.Sequential):
-        return model
-    fc = classifier[0]
-    first = next(m for m in model.features if isinstance(m, nn.Conv2d))
-    with torch.no_grad():
-        probe = torch.zeros(1, first.in_channels, image_size, image_size, dtype=first.weight.dtype,
-                            device=first.weight.device)
-        training = model.features.training  # eval for the probe (BatchNorm), then as it was
-        channels, h, w = model.features.eval()(probe).shape[1:]
-        model.features.train(training)
-        basis = torch.eye(h * w, dtype=probe.dtype, device=probe.device).view(h * w, 1, h, w)
-        pool = avgpool(basis).flatten(1).T  # (Ho*Wo, h*w)
-        pooled, kept = pool.shape
-        if not isinstance(fc, nn.Linear) or pooled <= kept or fc.in_features != channels * pooled:
-            return model
-        folded = copy.deepcopy(model)
-        weight = fc.weight.view(fc.out_features, channels, pooled) @ pool
-        linear = nn.Linear(channels * h * w, fc.out_features, bias=fc.bias is not None,
-                           dtype=fc.weight.dtype, device=fc.weight.device)
-        linear.weight.copy_(weight.flatten(1))
-        if fc.bias is not None:
-            linear.bias.copy_(fc.bias)
-    folded.avgpool = nn.Identity()
-    folded.classifier[0] = linear
-    return folded.eval().requires_grad_(False)
-
-
 def _conv_output_padding(conv: nn.Conv2d, size_in: Sequence[int], size_out: Sequence[int]) -> tuple[int, int]:
     """The ``output_padding`` that makes ``conv_transpose2d`` return exactly ``size_in``: a strided
     conv maps several input sizes to one output size, the transpose must pick the right one."""
@@ -403,55 +317,3 @@ def _conv_output_padding(conv: nn.Conv2d, size_in: Sequence[int], size_out: Sequ
             size_in, size_out, conv.stride, conv.padding, conv.dilation, conv.kernel_size, strict=True
         )
     )
-
-
-def export_onnx(
-    module: nn.Module,
-    path: str | Path,
-    example_inputs: tuple[torch.Tensor, ...],
-    input_names: Sequence[str],
-    output_names: Sequence[str],
-    metadata: dict[str, str],
-    opset: int = 18,
-) -> None:
-    """Export ``module`` to one self-contained ONNX file, batch dimension dynamic.
-
-    The file is written next to ``path`` under a temporary name, checked with
-    ``onnx.checker`` and then renamed over ``path``, so readers never see half a model.
-
-    Args:
-        module: the graph to export (e.g. :class:`ClassifierGraph`, :class:`SaliencyGraph`).
-        path: destination ``.onnx`` file.
-        example_inputs: one example per input; use a batch of at least 2 so the exporter
-            cannot specialise the batch dimension to 1.
-        input_names: ONNX names of the inputs, in order.
-        output_names: ONNX names of the outputs, in order.
-        metadata: string key/values stored as the model's ``metadata_props``.
-        opset: ONNX opset version (>= 17).
-    """
-    import onnx  # only the export stage needs it
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # Every input names its axis 0 "batch"; the exporter warns that it merges equal names.
-        warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
-        program = torch.onnx.export(
-            module.eval(),
-            example_inputs,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=tuple({0: "batch"} for _ in example_inputs),
-            verbose=False,
-        )
-    proto = program.model_proto  # weights included: we write the file ourselves, in one piece
-    onnx.helper.set_model_props(proto, {k: str(v) for k, v in metadata.items()})
-    onnx.checker.check_model(proto)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        onnx.save(proto, tmp, save_as_external_data=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

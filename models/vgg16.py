@@ -1,7 +1,7 @@
 """VGG16 (Simonyan & Zisserman 2015), configuration "D", laid out exactly like torchvision.
 
 Module names (``features.N``, ``classifier.N``) match ``torchvision.models.vgg16`` so a
-torchvision-format state_dict loads (see :func:`models.registry.load_init_weights`).
+torchvision-format state_dict loads (see :func:`models.zoo.load_init_weights`).
 ReLUs are not in-place: :mod:`models.saliency` reads every activation after the forward pass.
 """
 

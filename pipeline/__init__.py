@@ -1,0 +1,1 @@
+"""cnn-mlops pipeline: the DVC stages and CLIs (``python -m pipeline.<command>``) over ``common`` and ``lib``."""

@@ -7,7 +7,7 @@
     python -m pipeline.compare export-champion --out artifacts/champion
     python -m pipeline.compare serve-source             # what `make serve` serves: champion, else latest export
 
-A DVC experiment is one MLflow run named after it (see ``pipeline/tracking.py``), so the
+A DVC experiment is one MLflow run named after it (see ``pipeline/lib/tracking.py``), so the
 table lines up with ``dvc exp show``. The store is the one ``tracking.tracking_uri()`` names.
 """
 
@@ -21,10 +21,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import registry, tracking
-from pipeline.config import PARAMS_FILE, load_params
-from pipeline.contract import CARD_FILE, ModelCard
-from pipeline.errors import UserError, run_command
+from pipeline.common.contract import CARD_FILE, ModelCard
+from pipeline.common.errors import UserError, run_command
+from pipeline.lib import model_registry as registry
+from pipeline.lib import tracking
+from pipeline.lib.config import PARAMS_FILE, load_params
 
 log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from models.saliency import SaliencyGraph
-from pipeline import colormap, tracking
-from pipeline.config import load_params
-from pipeline.contract import ModelCard
-from pipeline.cpus import usable_cpus
-from pipeline.engine import predict_logits, round_metric
-from pipeline.errors import UserError, run_command, setup_logging
-from pipeline.files import write_json
-from pipeline.loader import load_split
-from pipeline.trained import load_trained
+from pipeline.common import colormap
+from pipeline.common.contract import ModelCard
+from pipeline.common.cpus import usable_cpus
+from pipeline.common.errors import UserError, run_command, setup_logging
+from pipeline.common.files import write_json
+from pipeline.lib import tracking
+from pipeline.lib.config import load_params
+from pipeline.lib.engine import predict_logits, round_metric
+from pipeline.lib.loader import load_split
+from pipeline.lib.trained import load_trained
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Both graphs take uint8 N×C×H×W and normalise inside, and both carry the model
 metadata. Before anything is registered, ONNX Runtime must reproduce PyTorch's predictions on
 the test split and ``saliency.onnx`` must give finite maps for degenerate inputs (black, white,
 noise, every target). The registered model version is the whole folder (see
-:mod:`pipeline.registry`).
+:mod:`pipeline.lib.model_registry`).
 """
 
 from __future__ import annotations
@@ -21,17 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.saliency import ClassifierGraph, SaliencyGraph, export_onnx, fold_adaptive_pool
-from pipeline import registry, tracking
-from pipeline.config import load_params
-from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ModelCard, sha256_file
-from pipeline.cpus import usable_cpus
-from pipeline.engine import predict_logits
-from pipeline.errors import run_command, setup_logging
-from pipeline.files import replace_dir
-from pipeline.loader import load_split
-from pipeline.onnx_checks import check_saliency_finite
-from pipeline.trained import load_trained
+from models.graphs import ClassifierGraph, fold_adaptive_pool
+from models.saliency import SaliencyGraph
+from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ModelCard, sha256_file
+from pipeline.common.cpus import usable_cpus
+from pipeline.common.errors import run_command, setup_logging
+from pipeline.common.files import replace_dir
+from pipeline.lib import model_registry as registry
+from pipeline.lib import tracking
+from pipeline.lib.config import load_params
+from pipeline.lib.engine import predict_logits
+from pipeline.lib.loader import load_split
+from pipeline.lib.onnx_checks import check_saliency_finite
+from pipeline.lib.onnx_export import export_onnx
+from pipeline.lib.trained import load_trained
 
 log = logging.getLogger(__name__)
 

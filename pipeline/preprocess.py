@@ -2,7 +2,7 @@
 
     python -m pipeline.preprocess --data data --out artifacts/preprocessed [--cache .cache/preprocess]
 
-Layouts (see :func:`pipeline.datasets.scan_dataset`): ``data/<class>/<image>``, or pre-split
+Layouts (see :func:`pipeline.lib.dataset_folders.scan_dataset`): ``data/<class>/<image>``, or pre-split
 ``data/{train,val,test}/<class>/<image>`` kept as given (a missing val or test split is drawn
 from train). Class i is line i of ``data/classes.txt`` / ``preprocess.classes`` when given.
 
@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import images
-from pipeline.config import PreprocessParams, load_params
-from pipeline.contract import SPLITS, FileRow, Manifest, SkippedFile
-from pipeline.cpus import usable_cpus
-from pipeline.datasets import CLASSES_FILE, Dataset, scan_dataset
-from pipeline.errors import UserError, run_command, setup_logging
-from pipeline.files import replace_dir
-from pipeline.pixelcache import CachedRow, PixelCache, copy_range, file_state
-from pipeline.progress import progress
+from pipeline.common import images
+from pipeline.common.contract import SPLITS, FileRow, Manifest, SkippedFile
+from pipeline.common.cpus import usable_cpus
+from pipeline.common.errors import UserError, run_command, setup_logging
+from pipeline.common.files import replace_dir
+from pipeline.lib.config import PreprocessParams, load_params
+from pipeline.lib.dataset_folders import CLASSES_FILE, Dataset, scan_dataset
+from pipeline.lib.pixelcache import CachedRow, PixelCache, copy_range, file_state
+from pipeline.lib.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,14 @@ import torch.distributed as dist
 from torch import nn
 
 from models import build_model, load_init_weights
-from pipeline import tracking
-from pipeline.codebase import import_closure
-from pipeline.config import Params, load_params
-from pipeline.contract import Manifest, ModelCard
-from pipeline.cpus import usable_cpus
-from pipeline.engine import (
+from pipeline.common.contract import Manifest, ModelCard
+from pipeline.common.cpus import usable_cpus
+from pipeline.common.errors import UserError, run_command, setup_logging
+from pipeline.common.files import write_atomic, write_json, write_text
+from pipeline.lib import tracking
+from pipeline.lib.codebase import import_closure
+from pipeline.lib.config import Params, load_params
+from pipeline.lib.engine import (
     Context,
     build_optimizer,
     build_scheduler,
@@ -43,11 +45,9 @@ from pipeline.engine import (
     round_metric,
     train_one_epoch,
 )
-from pipeline.errors import UserError, run_command, setup_logging
-from pipeline.files import write_atomic, write_json, write_text
-from pipeline.loader import load_split
-from pipeline.pacing import ThreadPacer
-from pipeline.trained import save_trained
+from pipeline.lib.loader import load_split
+from pipeline.lib.pacing import ThreadPacer
+from pipeline.lib.trained import save_trained
 
 log = logging.getLogger(__name__)
 

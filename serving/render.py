@@ -4,7 +4,7 @@ The PNG answer of ``POST /saliency`` is drawn over the upload as preprocessing s
 orientation, the model's channels, the centre square) at the upload's own resolution, capped at
 :data:`MAX_SIDE` pixels: a 32×32 model still gives a picture a person can read. The map itself
 stays at the model's resolution (``format=json``) and is only resampled for the picture.
-numpy and Pillow only; the colours come from :mod:`pipeline.colormap`, like the evaluation figures.
+numpy and Pillow only; the colours come from :mod:`pipeline.common.colormap`, like the evaluation figures.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.colormap import colorize
-from pipeline.images import Source, crop_resize, decode, to_array
+from pipeline.common.colormap import colorize
+from pipeline.common.images import Source, crop_resize, decode, to_array
 
 MAX_SIDE = 512  # longest side of a PNG answer; smaller uploads keep their own size
 STRENGTH = 0.7  # blend weight of the hottest pixels (cold ones show the image)
@@ -54,7 +54,7 @@ def display_side(short_side: int, model_size: int, max_side: int = MAX_SIDE) -> 
 def upload_square(source: Source, channels: int, model_size: int, max_pixels: int,
                   max_side: int = MAX_SIDE) -> np.ndarray:
     """The upload as preprocessing crops it (oriented, ``channels``, centre square), C×S×S uint8 with
-    S = :func:`display_side`: :func:`pipeline.images.preprocess` without the resize to the model's size."""
+    S = :func:`display_side`: :func:`pipeline.common.images.preprocess` without the resize to the model's size."""
     image = decode(source, max_side, channels, max_pixels)  # JPEG draft keeps both sides >= max_side
     return to_array(crop_resize(image, display_side(min(image.size), model_size, max_side)))
 

@@ -14,7 +14,7 @@ Endpoints (files are multipart form fields; see the README for curl and Python c
                        metrics, limits (also ``POST /metadata`` for BentoML clients)
 =====================  ===================================================================
 
-Every image goes through :func:`pipeline.images.preprocess`, the function the preprocess
+Every image goes through :func:`pipeline.common.images.preprocess`, the function the preprocess
 stage uses, so serving sees the pixels training saw. Bad input gets a 4xx with a JSON body
 ``{"error": "..."}`` naming the field; the only 5xx is 503 + Retry-After (overload). Settings
 come from ``SERVING_*`` environment variables (:mod:`serving.settings`). Request parsing is
@@ -51,8 +51,8 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from pipeline.contract import CLASSIFIER_FILE, SALIENCY_FILE, ModelCard  # noqa: E402
-from pipeline.images import ImageError, open_image, preprocess  # noqa: E402
+from pipeline.common.contract import CLASSIFIER_FILE, SALIENCY_FILE, ModelCard  # noqa: E402
+from pipeline.common.images import ImageError, open_image, preprocess  # noqa: E402
 from serving import forms, guard, openapi, store, ui  # noqa: E402
 from serving.render import saliency_png  # noqa: E402
 from serving.settings import Settings  # noqa: E402
@@ -172,7 +172,7 @@ def read_upload(path: Path, what: str, settings: Settings = SETTINGS) -> tuple[b
 
 
 def decode_upload(data: bytes, what: str, size: int, channels: int, settings: Settings = SETTINGS) -> np.ndarray:
-    """Bytes that passed :func:`read_upload` → uint8 C×H×W via :func:`pipeline.images.preprocess`."""
+    """Bytes that passed :func:`read_upload` → uint8 C×H×W via :func:`pipeline.common.images.preprocess`."""
     try:
         return preprocess(data, size, channels, settings.max_pixels, ALLOWED_FORMATS)
     except ImageError as err:
@@ -182,7 +182,7 @@ def decode_upload(data: bytes, what: str, size: int, channels: int, settings: Se
 
 
 def load_image(path: Path, what: str, size: int, channels: int, settings: Settings = SETTINGS) -> np.ndarray:
-    """An uploaded file → uint8 C×H×W via :func:`pipeline.images.preprocess`, or a 4xx exception.
+    """An uploaded file → uint8 C×H×W via :func:`pipeline.common.images.preprocess`, or a 4xx exception.
 
     Args:
         path: the upload (kept in memory, see :mod:`serving.forms`) or a file.

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cpus import usable_cpus
+from pipeline.common.cpus import usable_cpus
 
 AUTO = -1  # a field left at AUTO is derived from the usable CPUs in from_env
 

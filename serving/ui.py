@@ -4,7 +4,7 @@
     GET /ui/                   the page (index.html, app.js, style.css: no framework, nothing external)
     GET /ui/examples           [{"index", "label", "url"}]: the bundled test-split images, if any
     GET /ui/examples/{i}.png   one of them, as the preprocess stage stored it
-    GET /ui/colormap.png       the saliency colour scale (pipeline.colormap), for the legend
+    GET /ui/colormap.png       the saliency colour scale (pipeline.common.colormap), for the legend
 
 The page itself runs ``POST /predict``, ``POST /saliency`` (``format=png``) and ``GET /metadata``.
 Every page response carries a Content-Security-Policy that only allows this origin, so the
@@ -26,8 +26,8 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipeline.colormap import colorize
-from pipeline.contract import EXAMPLES_FILE
+from pipeline.common.colormap import colorize
+from pipeline.common.contract import EXAMPLES_FILE
 
 STATIC = Path(__file__).resolve().parent / "static"
 # Only this origin; blob: for the pictures the page builds from API answers.

@@ -123,7 +123,7 @@ def write_export(out: Path, classes: list[str] = SERVING_CLASSES, size: int = 32
     import torch
 
     from models import build_model
-    from pipeline.contract import ModelCard
+    from pipeline.common.contract import ModelCard
     from pipeline.export import write_export as export_folder
 
     torch.manual_seed(seed)

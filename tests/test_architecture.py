@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.codebase import ROOT, direct_imports, import_closure
+from pipeline.lib.codebase import ROOT, direct_imports, import_closure
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGES = {name: stage["cmd"].split("-m ", 1)[1].split()[0] for name, stage in DVC["stages"].items()}
 PROJECT_MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    for package in ("pipeline", "models", "serving") for p in (ROOT / package).glob("*.py")
+    for package in ("pipeline", "models", "serving") for p in (ROOT / package).rglob("*.py")
 )
+# The commands: pipeline/*.py that are not a package's __init__ (stages and CLIs).
+COMMANDS = sorted(f"pipeline.{p.stem}" for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__")
 
 
 def test_every_dvc_stage_is_a_pipeline_module():
@@ -32,6 +34,26 @@ def test_no_stage_imports_another_stage(module: str):
     imported = direct_imports(module) & stages
     assert not imported - {module}, f"{module} imports the stage(s) {sorted(imported)}: move what they share " \
                                     "into a shared module"
+
+
+@pytest.mark.parametrize("module", PROJECT_MODULES)
+def test_no_module_imports_a_command(module: str):
+    """Commands (stages and CLIs) stand apart: shared code lives in pipeline.common or pipeline.lib."""
+    imported = direct_imports(module) & set(COMMANDS)
+    assert not imported - {module}, f"{module} imports the command(s) {sorted(imported)}"
+
+
+@pytest.mark.parametrize("module", [m for m in PROJECT_MODULES if m.startswith("pipeline.common")])
+def test_common_imports_only_common(module: str):
+    """pipeline.common ships in the Bento whole, so it may not reach into lib, models or serving."""
+    ours = {d for d in direct_imports(module) if d != "pipeline"}
+    assert all(d.startswith("pipeline.common") for d in ours), (module, sorted(ours))
+
+
+@pytest.mark.parametrize("module", [m for m in PROJECT_MODULES if m.startswith("serving")])
+def test_serving_imports_only_common_of_the_pipeline(module: str):
+    ours = {d for d in direct_imports(module) if d.startswith(("pipeline.", "models"))}
+    assert all(d.startswith("pipeline.common") for d in ours), (module, sorted(ours))
 
 
 def test_models_import_nothing_from_pipeline_or_serving():
@@ -79,6 +101,7 @@ def test_serving_never_imports_torch_mlflow_or_dvc():
 
 
 def test_the_bento_ships_every_module_the_service_imports():
+    """The Bento includes serving/ and pipeline/common/ whole, never a hand-picked list of files."""
     bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     shipped = {p for pattern in bentofile["include"] for p in
                (q.relative_to(ROOT).as_posix() for q in ROOT.glob(pattern))}

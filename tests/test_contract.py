@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError as SqlAlchemyOperationalError
 
-from pipeline import files, tracking
-from pipeline.config import ParamsError, load_params
-from pipeline.contract import ContractError, Manifest, ModelCard
+from pipeline.common import files
+from pipeline.common.contract import ContractError, Manifest, ModelCard
+from pipeline.lib import tracking
+from pipeline.lib.config import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = ModelCard(architecture="lenet5", classes=["b", "a", "c d"], image_size=32, channels=1, mean=[0.5], std=[0.25],
@@ -62,7 +63,7 @@ def test_replace_dir_recovers_from_a_crash_between_renames(tmp_path: Path, crash
     script = f"""
 import os, sys
 from pathlib import Path
-from pipeline import files
+from pipeline.common import files
 out = Path(sys.argv[1])
 real_rename = Path.rename
 crash_target = {{"aside": out.with_name(".out.old"), "new_in": out}}[{crash_after!r}]
@@ -125,7 +126,7 @@ def test_a_stage_with_bad_params_exits_1_with_one_line(tmp_path: Path, stage: st
 
 def test_an_unexpected_error_keeps_its_traceback(tmp_path: Path):
     """A bug is not a user error: the command fails with the traceback, not one polite line."""
-    script = ("import sys; from pipeline import errors\n"
+    script = ("import sys; from pipeline.common import errors\n"
               "def body(): raise ZeroDivisionError('deep inside')\n"
               "sys.exit(errors.run_command(body))")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""pipeline.cpus: usable CPUs from the affinity mask and cgroup v1/v2 quotas (fake cgroup trees)."""
+"""pipeline.common.cpus: usable CPUs from the affinity mask and cgroup v1/v2 quotas (fake cgroup trees)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cpus
+from pipeline.common import cpus
 
 
 def tree(root: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.datasets import main as datasets_main
+from pipeline.lib.dataset_folders import (
     DatasetError,
     idx_split,
     import_idx,
@@ -25,7 +26,6 @@ from pipeline.datasets import (
     scan_image_folder,
     write_digits,
 )
-from pipeline.datasets import main as datasets_main
 from tests.conftest import copy_project, sh, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,7 +321,7 @@ def test_idx_import_and_dvc_repro_keep_the_official_test_split_and_label_order(t
     assert not [row for row in manifest["files"] if row["split"] != "test" and row["path"].startswith("test/")]
     assert len(labels["train"]) + len(labels["val"]) == 120
     # The card travels unchanged from here to the ONNX metadata, MLflow and the service (test_pipeline).
-    from pipeline.trained import load_trained  # torch: imported only by this slow test
+    from pipeline.lib.trained import load_trained  # torch: imported only by this slow test
 
     _, card = load_trained(repo / "artifacts" / "train" / "model.pt")
     assert card.classes == IDX_NAMES

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import compare, tracking
-from pipeline.contract import ModelCard
+from pipeline import compare
+from pipeline.common.contract import ModelCard
+from pipeline.lib import tracking
 from tests.conftest import copy_project, pattern_image, sh, tool_env
 
 TINY = {

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import tracking
+from pipeline.lib import tracking
 from tests.conftest import sh, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # The stage records what the train stage would tag, and what git saw at that moment.
 STAGE = (
-    "import json, subprocess; from pipeline.tracking import source_tags; "
+    "import json, subprocess; from pipeline.lib.tracking import source_tags; "
     "status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True, "
     "text=True).stdout; "
     "json.dump({'tags': source_tags(), 'status': status}, open('out/seen.json', 'w')); "

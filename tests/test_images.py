@@ -1,4 +1,4 @@
-"""pipeline.images: formats, orientation, channels, bit depth, limits and the JPEG fast path."""
+"""pipeline.common.images: formats, orientation, channels, bit depth, limits and the JPEG fast path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline import images
+from pipeline.common import images
 
 
 def encode(img: Image.Image, fmt: str, **options: object) -> bytes:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import engine
-from pipeline.config import TrainParams
-from pipeline.loader import batches
+from pipeline.lib import engine
+from pipeline.lib.config import TrainParams
+from pipeline.lib.loader import batches
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.contract import ModelCard
-from pipeline.engine import predict_logits
-from pipeline.trained import load_trained
+from pipeline.common.contract import ModelCard
+from pipeline.lib.engine import predict_logits
+from pipeline.lib.trained import load_trained
 from tests.conftest import add_dataset, copy_project, sh, tool_env
 
 TINY = {

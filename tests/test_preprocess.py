@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import images
-from pipeline.config import PreprocessParams
-from pipeline.errors import UserError
+from pipeline.common import images
+from pipeline.common.errors import UserError
+from pipeline.lib.config import PreprocessParams
 from pipeline.preprocess import SPLITS, PreprocessError, assign_split, preprocess_folder
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.progress import progress
+from pipeline.lib.progress import progress
 
 LINE = re.compile(r"work: (\d+)/6 img \((\d+)%\), .*img/s, elapsed \d\d:\d\d, ETA (\d\d:\d\d|\?)(, .*)?")
 
@@ -49,8 +49,8 @@ def test_training_epoch_reports_progress_in_a_log(monkeypatch: pytest.MonkeyPatc
     import torch
 
     from models import build_model
-    from pipeline.config import TrainParams
-    from pipeline.engine import Context, build_optimizer, build_scheduler, train_one_epoch
+    from pipeline.lib.config import TrainParams
+    from pipeline.lib.engine import Context, build_optimizer, build_scheduler, train_one_epoch
 
     monkeypatch.setenv("CNN_PROGRESS_INTERVAL", "0")
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import tracking
-from pipeline.tracking import redact, split_credentials
+from pipeline.lib import tracking
+from pipeline.lib.tracking import redact, split_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_connect_moves_the_password_into_mlflow_variables(monkeypatch):
 
 def test_mlflow_telemetry_is_off_in_project_processes():
     """A process that imports the project's tracking module before MLflow gets no telemetry client."""
-    code = ("import pipeline.tracking, mlflow; from mlflow.telemetry.client import get_telemetry_client; "
+    code = ("import pipeline.lib.tracking, mlflow; from mlflow.telemetry.client import get_telemetry_client; "
             "print(get_telemetry_client())")
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}  # no CI or pytest markers
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import colormap, images
+from pipeline.common import colormap, images
 from serving import render
 
 

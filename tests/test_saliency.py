@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from models.saliency import METHODS, ClassifierGraph, SaliencyGraph, export_onnx, fold_adaptive_pool
-from pipeline.onnx_checks import check_saliency_finite, degenerate_inputs
+from models.graphs import ClassifierGraph, fold_adaptive_pool
+from models.saliency import METHODS, SaliencyGraph
+from pipeline.lib.onnx_checks import check_saliency_finite, degenerate_inputs
+from pipeline.lib.onnx_export import export_onnx
 
 SALIENCY_OUTPUTS = ["logits", "gradient", "guided", "gradcam"]
 

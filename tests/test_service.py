@@ -24,8 +24,8 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pipeline import images
-from pipeline.config import PreprocessParams
+from pipeline.common import images
+from pipeline.lib.config import PreprocessParams
 from pipeline.preprocess import preprocess_folder
 from serving import service, store
 from serving.service import ImageRejected, PayloadTooLarge, Settings, load_image

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import images
-from pipeline.codebase import import_closure
-from serving.local import LocalServer
+from pipeline.common import images
+from pipeline.lib.codebase import import_closure
+from pipeline.lib.local_server import LocalServer
 
 pytestmark = pytest.mark.slow
 

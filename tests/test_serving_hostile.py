@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.local import LocalServer
+from pipeline.lib.local_server import LocalServer
 from tests.conftest import write_export
 
 pytestmark = pytest.mark.slow

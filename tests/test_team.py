@@ -26,8 +26,9 @@ import httpx
 import mlflow
 import pytest
 
-from pipeline import compare, registry
-from pipeline.contract import CLASSIFIER_FILE, SALIENCY_FILE, ModelCard
+from pipeline import compare
+from pipeline.common.contract import CLASSIFIER_FILE, SALIENCY_FILE, ModelCard
+from pipeline.lib import model_registry as registry
 from tests.conftest import BIN, sh, tool_env
 from tests.test_experiments import make_project
 
@@ -110,7 +111,7 @@ def server(tmp_path_factory) -> Server:
 class Project:
     repo: Path
     remote: Path
-    init_output: str  # `python -m pipeline.tracking init`
+    init_output: str  # `python -m pipeline.lib.tracking init`
     repro_output: str  # `dvc repro`
 
 
@@ -123,7 +124,7 @@ def project(server: Server, tmp_path_factory) -> Project:
     repo = make_project(root / "repo", env)
     remote = root / "dvc-remote"
     sh(repo, "dvc", "remote", "add", "-d", "shared", str(remote), env=env)
-    init = sh(repo, sys.executable, "-m", "pipeline.tracking", "init", env=env)
+    init = sh(repo, sys.executable, "-m", "pipeline.lib.tracking", "init", env=env)
     repro = sh(repo, "dvc", "repro", env=env, timeout=900)
     sh(repo, "git", "add", "-A", env=env)
     sh(repo, "git", "commit", "-q", "-m", "pipeline results and the shared remote", env=env)
@@ -345,7 +346,7 @@ def test_the_password_never_leaks(server, project, as_team_member):
     # failures print the store too: a dead server with the password in its URI
     dead = _env(MLFLOW_TRACKING_URI=f"http://{USER}:{SECRET}@127.0.0.1:{_free_port()}",
                 MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-    for cmd in (["pipeline.compare"], ["pipeline.tracking", "init"]):
+    for cmd in (["pipeline.compare"], ["pipeline.lib.tracking", "init"]):
         done = subprocess.run([sys.executable, "-m", *cmd, "--params", str(project.repo / "params.yaml")],
                               cwd=project.repo, env=dead, capture_output=True, text=True, timeout=300)
         assert done.returncode != 0

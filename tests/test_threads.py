@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import pacing
-from pipeline.config import Params, ParamsError, load_params
-from pipeline.cpus import cgroup_cpu_limit, usable_cpus
-from pipeline.pacing import ThreadPacer, candidate_counts
+from pipeline.common.cpus import cgroup_cpu_limit, usable_cpus
+from pipeline.lib import pacing
+from pipeline.lib.config import Params, ParamsError, load_params
+from pipeline.lib.pacing import ThreadPacer, candidate_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 AFFINITY = len(os.sched_getaffinity(0))
@@ -73,7 +73,7 @@ def test_no_cgroup_files_is_the_affinity(tmp_path):
 def test_affinity_mask_caps_the_count(tmp_path):
     # taskset's effect, for real: a child pinned to one CPU counts one.
     code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from pipeline.cpus import usable_cpus; print(usable_cpus(sys.argv[1]))")
+            "from pipeline.common.cpus import usable_cpus; print(usable_cpus(sys.argv[1]))")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip() == "1", done.stderr
@@ -122,7 +122,7 @@ def test_adaptive_keeps_the_fastest_count(torch_threads, no_queueing, caplog):
     # then the load goes away and epoch 2 re-measures
     busy, quiet = {1: 1e-4, 2: 3e-4, 4: 5e-4}, {1: 5e-4, 2: 3e-4, 4: 1e-4}
     pacer = ThreadPacer("adaptive", usable=4)
-    caplog.set_level(logging.INFO, "pipeline.pacing")
+    caplog.set_level(logging.INFO, "pipeline.lib.pacing")
     for epoch, per_image, best in ((1, busy, 1), (2, quiet, 4)):
         pacer.start_epoch(epoch)
         for _ in range(200):  # long epochs: a trial costs little, one every epoch
@@ -137,7 +137,7 @@ def test_adaptive_spaces_trials_to_keep_their_cost_near_5_percent(torch_threads,
     # per trial, so re-measuring every epoch would cost 30%
     per_image = {1: 1e-4, 2: 3e-4, 4: 5e-4}
     pacer = ThreadPacer("adaptive", usable=4)
-    caplog.set_level(logging.INFO, "pipeline.pacing")
+    caplog.set_level(logging.INFO, "pipeline.lib.pacing")
     spent = 0.0
     for epoch in range(1, 13):
         pacer.start_epoch(epoch)

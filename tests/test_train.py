@@ -19,13 +19,13 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import engine
 from pipeline import train as train_stage
-from pipeline.config import Params, PreprocessParams, TrainParams
-from pipeline.contract import Manifest
-from pipeline.errors import UserError
+from pipeline.common.contract import Manifest
+from pipeline.common.errors import UserError
+from pipeline.lib import engine
+from pipeline.lib.config import Params, PreprocessParams, TrainParams
+from pipeline.lib.trained import load_trained
 from pipeline.preprocess import preprocess_folder
-from pipeline.trained import load_trained
 from tests.conftest import pattern_image
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from pipeline import colormap, images
+from pipeline.common import colormap, images
 from pipeline.export import write_examples
-from serving.local import LocalServer
+from pipeline.lib.local_server import LocalServer
 from tests.conftest import SERVING_CLASSES, pattern_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -63,7 +63,7 @@ class ThreadPacer:
 
     Args:
         setting: ``train.threads``: a count (0 = ``usable``), or ``"adaptive"``.
-        usable: CPUs this process may use (:func:`pipeline.cpus.usable_cpus`).
+        usable: CPUs this process may use (:func:`pipeline.common.cpus.usable_cpus`).
         world: processes sharing those CPUs (DDP ranks on one machine).
     """
 

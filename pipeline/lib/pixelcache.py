@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from pipeline import images
-from pipeline.contract import SPLITS, FileRow
-from pipeline.files import replace_dir, write_atomic
+from pipeline.common import images
+from pipeline.common.contract import SPLITS, FileRow
+from pipeline.common.files import replace_dir, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``model.pt``: the best weights of a training run and their :class:`~pipeline.contract.ModelCard`.
+"""``model.pt``: the best weights of a training run and their :class:`~pipeline.common.contract.ModelCard`.
 
 The card is the only source for rebuilding the model (architecture, classes, input) and for
 describing it later (export writes it into the ONNX files and the registry).
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from models import build_model
-from pipeline.contract import ModelCard
-from pipeline.errors import UserError
-from pipeline.files import write_atomic
+from pipeline.common.contract import ModelCard
+from pipeline.common.errors import UserError
+from pipeline.common.files import write_atomic
 
 
 def save_trained(path: str | Path, state_dict: dict[str, torch.Tensor], card: ModelCard, **extra) -> None:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import TrainParams
-from pipeline.errors import UserError
-from pipeline.loader import batches, to_input
-from pipeline.progress import progress as progress_bar
+from pipeline.common.errors import UserError
+from pipeline.lib.config import TrainParams
+from pipeline.lib.loader import batches, to_input
+from pipeline.lib.progress import progress as progress_bar
 
 
 @dataclasses.dataclass

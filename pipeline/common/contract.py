@@ -7,7 +7,7 @@ into ``model_card.json`` and into the MLflow model version; ``serving`` reads it
 deployable folder and labels BentoML store entries from it. One name per value: the input
 side is ``image_size`` everywhere.
 
-stdlib and pydantic only (and :mod:`pipeline.errors`): it ships in the Bento.
+stdlib and pydantic only (and :mod:`pipeline.common.errors`): it ships in the Bento.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]

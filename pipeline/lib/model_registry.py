@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import tracking
-from pipeline.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ContractError, ModelCard
-from pipeline.cpus import usable_cpus
-from pipeline.errors import UserError
-from pipeline.files import replace_dir
+from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ContractError, ModelCard
+from pipeline.common.cpus import usable_cpus
+from pipeline.common.errors import UserError
+from pipeline.common.files import replace_dir
+from pipeline.lib import tracking
 
 log = logging.getLogger(__name__)
 ARTIFACT_NAME = "deployable"  # the logged model's name inside the run

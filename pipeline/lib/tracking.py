@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -320,8 +320,8 @@ def fingerprint(*parts: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.tracking init``: create the store and the experiment before parallel runs."""
-    from pipeline.config import PARAMS_FILE, load_params
+    """``python -m pipeline.lib.tracking init``: create the store and the experiment before parallel runs."""
+    from pipeline.lib.config import PARAMS_FILE, load_params
 
     parser = argparse.ArgumentParser(description="MLflow store maintenance.")
     parser.add_argument("command", choices=["init"], help="init: create the store's schema and the experiment")

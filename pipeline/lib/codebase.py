@@ -12,7 +12,7 @@ import ast
 from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "models", "serving")
 
 
@@ -52,7 +52,7 @@ def direct_imports(name: str) -> frozenset[str]:
         else:
             continue
         for candidate in candidates:
-            # `import pipeline.images` also runs pipeline/__init__.py
+            # `import pipeline.common.images` also runs pipeline/__init__.py
             parts = candidate.split(".")
             for depth in range(1, len(parts) + 1):
                 if module_file(".".join(parts[:depth])) is not None:
