@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := true
 
-.PHONY: setup data run test lint serve serve-champion bench clean mlflow-server
+.PHONY: setup data run plots test lint serve serve-champion bench clean mlflow-server
 
 setup: $(VENV)/.installed
 
@@ -48,9 +48,15 @@ mlflow-server: setup
 
 # DVC ends every repro with "Use `dvc push` to send your updates to remote storage."; without a
 # remote there is nowhere to push, so that line is dropped (DVC has no setting for it).
+# --line-buffered: piped into a log, each "Running stage" header still arrives when it is printed.
 run: data
 	@if [ -n "$$(dvc remote list)" ]; then dvc repro; \
-	else PYTHONUNBUFFERED=1 bash -o pipefail -c 'dvc repro | grep -v "^Use .dvc push. to send"'; fi
+	else PYTHONUNBUFFERED=1 bash -o pipefail -c 'dvc repro | grep --line-buffered -v "^Use .dvc push. to send"'; fi
+
+# `dvc plots show` with vega, vega-lite and vega-embed inlined (bin/plots fetches them once with
+# `npm pack`): DVC's own page loads them from a CDN and is blank offline. Writes dvc_plots/index.html.
+plots: setup
+	bin/plots show
 
 test: setup
 	python -m pytest --durations=15

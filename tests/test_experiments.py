@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline import compare
 from pipeline.common.contract import ModelCard
 from pipeline.lib import tracking
-from tests.conftest import copy_project, pattern_image, sh, tool_env
+from tests.conftest import BIN, copy_project, pattern_image, sh, tool_env
 
 TINY = {
     "preprocess": {"size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
@@ -186,14 +186,22 @@ def _worker_pids(repo: Path) -> list[int]:
 
 
 def test_queued_experiments_in_parallel(tmp_path):
-    """Two queued experiments, two workers, default store location: one intact store in the repo root."""
+    """Two queued experiments, two workers, default store location: one intact store in the repo root.
+
+    Queued and started as the README says, with ``bin/dvc`` from a shell where the venv is not
+    activated (no venv on PATH): DVC's workers look ``dvc`` up on PATH, and ``bin/dvc`` puts the
+    repository's ``.venv`` there.
+    """
     env = _env()
     repo = make_project(tmp_path / "repo", env).resolve()
+    (repo / ".venv").symlink_to(BIN.parent)  # what `make setup` creates in a clone
+    fresh_shell = {**env, "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)}
+    fresh_shell.pop("VIRTUAL_ENV", None)
     baseline = _head(repo, env)
     try:
-        sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=env)
-        sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=env)
-        sh(repo, "dvc", "queue", "start", "-j", "2", env=env)
+        sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=fresh_shell)
+        sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=fresh_shell)
+        sh(repo, "bin/dvc", "queue", "start", "-j", "2", env=fresh_shell)
         deadline = time.monotonic() + 300
         while not _queue_idle(repo, env):
             assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status", env=env)

@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 # MLflow reads this when it is imported, and every stage imports this module first.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Downloading a registered version draws tqdm bars that fill a `make run` log with carriage returns;
+# the stages print their own one-line summaries. Read at each download, so a user's setting still wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 SQLITE_TIMEOUT_S = 30  # how long a SQLite writer waits for the lock before "database is locked"
