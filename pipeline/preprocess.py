@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -210,6 +211,23 @@ def _resolve_channels(setting: int | str, sources: list[Source]) -> int:
     return int(setting)
 
 
+MAX_NAMED = 20  # an error line names at most this many bad files
+
+
+def unusable_files_message(errors: list[str]) -> str:
+    """One line naming every unusable file (up to :data:`MAX_NAMED`), for ``on_error: fail``."""
+    named = "; ".join(errors[:MAX_NAMED])
+    more = f"; and {len(errors) - MAX_NAMED} more" if len(errors) > MAX_NAMED else ""
+    return (f"{len(errors)} unusable file(s): {named}{more} "
+            "(remove them, or set preprocess.on_error: skip to skip and list them in manifest.json)")
+
+
+def images_needed(fraction: float) -> tuple[int, int]:
+    """Images a class needs for the hash split to put one in a split drawn with ``fraction``:
+    enough to expect one (1/fraction) and enough for a 95% chance (1 - (1-fraction)^n >= 0.95)."""
+    return math.ceil(1 / fraction), math.ceil(math.log(0.05) / math.log(1 - fraction))
+
+
 def _check_coverage(dataset: Dataset, counts: dict[str, list[int]], params: PreprocessParams) -> None:
     fractions = {"train": 1.0, **split_fractions(dataset, params)}
     remove = {"folders": "the folder", "file": f"it from {dataset.root / CLASSES_FILE}",
@@ -224,9 +242,12 @@ def _check_coverage(dataset: Dataset, counts: dict[str, list[int]], params: Prep
                 raise PreprocessError(f"class '{name}' has no {split} image: add images to "
                                       f"{dataset.class_folder(name, split)}/")
             if split not in dataset.split_folders and fractions[split] > 0 and counts[split][index] == 0:
+                expect, likely = images_needed(fractions[split])
                 raise PreprocessError(
-                    f"class '{name}' has no {split} image ({total} usable in all): add images to "
-                    f"{dataset.class_folder(name)}/, or change preprocess.val_fraction/test_fraction or base.seed"
+                    f"class '{name}' has no {split} image ({total} usable in all; with "
+                    f"preprocess.{split}_fraction {fractions[split]:g} a class needs {expect} images to expect "
+                    f"one in {split}, {likely} for a 95% chance): add images to {dataset.class_folder(name)}/, "
+                    f"or change preprocess.val_fraction/test_fraction or base.seed"
                 )
 
 
@@ -277,8 +298,6 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
             source.grayscale = cache.grayscale(source.digest) if source.digest else None
         sources = _pool_update(pool, _inspect, sources, lambda s: not s.error and s.grayscale is None, "inspect")
         for source in sources:
-            if source.error and params.on_error == "fail":
-                raise PreprocessError(f"{source.error} (set preprocess.on_error: skip to skip such files)")
             source.split = source.folder if source.folder in ("val", "test") else \
                 assign_split(source.digest, seed, fractions["val"], fractions["test"])
         channels = _resolve_channels(params.channels, sources)
@@ -306,8 +325,6 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
                 for source in progress(usable, total=len(usable), desc="decode", unit="img"):
                     result = cached.get(source.digest) or next(decoded)
                     if isinstance(result, str):
-                        if params.on_error == "fail":
-                            raise PreprocessError(f"{result} (set preprocess.on_error: skip to skip such files)")
                         source.error = result
                         continue
                     rows.append(FileRow(path=source.rel, sha256=source.digest, split=source.split,
@@ -326,6 +343,8 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
                     writer.close()
                     writer.path.chmod(0o444)  # hard-linked into the cache (and DVC's): never written in place
                 skipped = [SkippedFile(path=s.rel, reason=s.error) for s in sources if s.error]
+                if skipped and params.on_error == "fail":
+                    raise PreprocessError(unusable_files_message([s.error for s in sources if s.error]))
                 for entry in skipped:
                     log.warning("skipped %s", entry.reason)
                 _check_coverage(dataset, counts, params)

@@ -20,7 +20,7 @@ import yaml
 from pipeline.common import images
 from pipeline.common.errors import UserError
 from pipeline.lib.config import PreprocessParams
-from pipeline.preprocess import SPLITS, PreprocessError, assign_split, preprocess_folder
+from pipeline.preprocess import SPLITS, PreprocessError, assign_split, images_needed, preprocess_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # dvc, and the python that dvc.yaml's `python -m` must find
@@ -130,6 +130,21 @@ def test_bad_file_fails_the_stage_when_on_error_is_fail(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+def test_on_error_fail_names_every_bad_file(
+    tmp_path: Path, make_image_folder: Callable, bad_files: dict[str, tuple[bytes, str]]
+) -> None:
+    """Found while hashing, reading headers and decoding alike: all of them in one error, not the first."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    names = ["empty.png", "notes.txt", "truncated.png", "truncated.jpg"]
+    for i, name in enumerate(names):
+        (data / f"c{i % 3}" / name).write_bytes(bad_files[name][0])
+    with pytest.raises(PreprocessError, match=r"^4 unusable file\(s\): ") as err:
+        preprocess_folder(data, tmp_path / "out", params(on_error="fail"), SEED)
+    for i, name in enumerate(names):
+        assert str(data / f"c{i % 3}" / name) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("bad", ["truncated.png", "empty.png"])  # fails while decoding / while hashing
 def test_failed_run_leaves_previous_output_untouched(
     bad: str, image_folder: Path, tmp_path: Path, bad_files: dict[str, tuple[bytes, str]]
@@ -173,6 +188,14 @@ def test_tiny_class_says_what_to_change(image_folder: Path, tmp_path: Path) -> N
         preprocess_folder(image_folder, tmp_path / "out", params(), SEED)
     assert f"add images to {image_folder / 'tiny'}/" in str(err.value)
     assert "preprocess.val_fraction/test_fraction or base.seed" in str(err.value)
+    # the minimum is in the message: 1/fraction to expect one image in the split, more to be likely
+    assert re.search(r"with preprocess\.(val|test)_fraction 0\.\d+ a class needs \d+ images to expect one in "
+                     r"(val|test), \d+ for a 95% chance", str(err.value)), str(err.value)
+
+
+def test_images_needed_per_split() -> None:
+    assert images_needed(0.1) == (10, 29)  # 0.9**28 = 0.052 > 0.05 >= 0.9**29 = 0.047
+    assert images_needed(0.5) == (2, 5)
 
 
 def test_hidden_files_and_folders_are_ignored(image_folder: Path, tmp_path: Path) -> None:
