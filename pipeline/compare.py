@@ -232,6 +232,14 @@ def resolve_version(client, model_name: str, version: int | None = None, run: st
     return max(versions, key=lambda v: int(v.version))
 
 
+def best_run_id(client, experiment: str) -> str:
+    """The id of the run the comparison table lists first: the best test top-1 of the FINISHED runs."""
+    runs = [r for r in fetch_runs(client, experiment) if r.data.metrics.get("test_top1") is not None]
+    if not runs:
+        raise CompareError(f"no FINISHED run with a test_top1 metric in experiment {experiment!r}")
+    return sort_runs(runs, "test_top1")[0].info.run_id
+
+
 def version_top1(client, model_version) -> float | None:
     """Test top-1 of a model version: its ``test_top1`` tag, else its run's ``test_top1`` metric."""
     tag = (model_version.tags or {}).get("test_top1")
@@ -335,6 +343,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     which = promote_parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--version", type=int, help="model version number")
     which.add_argument("--run", help="run id or run name (= DVC experiment name); its newest version")
+    which.add_argument("--best", action="store_true",
+                       help="the run the table lists first (best test top-1, FINISHED); its newest version")
     promote_parser.add_argument("--experiment", default=None,
                                 help="experiment to look run names up in (default: params)")
     promote_parser.add_argument("--force", action="store_true",
@@ -377,8 +387,9 @@ def promote_cli(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     model_name = args.model_name or params.export.registered_model
     client = open_client()
-    model_version = resolve_version(client, model_name, args.version, args.run,
-                                    args.experiment or params.mlflow.experiment)
+    experiment = args.experiment or params.mlflow.experiment
+    run = best_run_id(client, experiment) if args.best else args.run
+    model_version = resolve_version(client, model_name, args.version, run, experiment)
     done, message = promote(client, model_name, model_version, args.alias, args.force)
     print(message, file=sys.stdout if done else sys.stderr)
     return 0 if done else 1

@@ -154,6 +154,11 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
         labels = list(examples["labels"])  # one per class present in the test split, in class order
         assert labels and labels == sorted(set(labels)) and max(labels) < len(card.classes)
 
+    # `promote --best`: the run the table lists first (fast) takes the champion back from slow
+    assert compare.main(["promote", "--best", *args]) == 0
+    assert "now 'champion'" in capsys.readouterr().out
+    assert client.get_model_version_by_alias("cnn-classifier", "champion").run_id == runs["fast"].info.run_id
+
 
 def _queue_idle(repo: Path, env: dict[str, str]) -> bool:
     status = sh(repo, "dvc", "queue", "status", env=env)
