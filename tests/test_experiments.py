@@ -190,6 +190,7 @@ def _worker_pids(repo: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.timeout(600)  # two whole experiments plus the queue's start-up, on 2 shared cores
 def test_queued_experiments_in_parallel(tmp_path):
     """Two queued experiments, two workers, default store location: one intact store in the repo root.
 
