@@ -96,9 +96,10 @@ class ErrorBodies:
         status = start["status"]
         error = describe(status, body, scope, self.allow.get(scope["path"]) or
                          dict(start["headers"]).get(b"allow", b"").decode())
-        drop = {b"content-length", b"content-type", b"retry-after", b"allow"}
+        allow = self.allow.get(scope["path"]) if status == HTTPStatus.METHOD_NOT_ALLOWED else None
+        drop = {b"content-length", b"content-type", b"retry-after", *((b"allow",) if allow else ())}
         keep = [(k, v) for k, v in start["headers"] if k.lower() not in drop]
-        if status == HTTPStatus.METHOD_NOT_ALLOWED and (allow := self.allow.get(scope["path"])):
+        if allow:  # Starlette fills Allow from the first route alone
             keep.append((b"allow", allow.encode()))
         first, last = error_messages(status, error)
         await send({**first, "headers": [*first["headers"], *keep]})

@@ -95,7 +95,7 @@ class Classifier:
             architecture=card.architecture, classes=self.classes, image_size=self.size, channels=self.channels,
             mean=card.mean, std=card.std, mlflow_run_id=card.mlflow_run_id, git_commit=card.git_commit,
             data_md5=card.data_md5, metrics=card.metrics, files=card.files,
-            source=f"{model_dir.parent.name}:{model_dir.name}" if MODEL_TAG else model_dir.name,
+            source=f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else model_dir.name,
             provider=provider, settings=SETTINGS.public(),
         )
         self.batcher = Batcher(self._probabilities, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
