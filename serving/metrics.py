@@ -1,13 +1,14 @@
-"""Request metrics with bounded labels, and the gauges of dead workers dropped before /metrics answers.
+"""Request metrics with bounded labels on ``/metrics``, without the gauges of dead workers.
 
-BentoML labels its request metrics with the raw path (every 404 path adds series) and never
-marks a SIGKILLed worker's multiprocess gauge files dead, so its in-progress gauge stays up for
-good; the service turns BentoML's request metrics off (``logging.access.skip_paths``, see
-serving.service) and records its own here: ``classifier_requests_total{endpoint,method,status}``,
+BentoML labels its request metrics with the raw path (every 404 path adds series; no setting
+bounds it) and never marks a SIGKILLed worker's multiprocess gauge files dead, so its in-progress
+gauge stays up for good. The service turns BentoML's metrics off (``metrics={"enabled": False}``)
+and records its own: ``classifier_requests_total{endpoint,method,status}``,
 ``classifier_request_duration_seconds{endpoint}`` and ``classifier_requests_in_progress{endpoint}``
-(sum over live workers: the gauge to autoscale on), each ``endpoint`` a known path, a static
-folder or ``/unknown``. Before each ``GET /metrics``, the gauge files of worker processes that no
-longer exist are dropped with prometheus_client's ``multiprocess.mark_process_dead``.
+(summed over live workers: the gauge to autoscale on), each ``endpoint`` a known path, a static
+folder or ``/unknown``. :func:`metrics_page` serves them (with ``classifier_batch_size``) from
+prometheus_client's multiprocess collector, after dropping the gauge files of worker processes
+that no longer exist (``multiprocess.mark_process_dead``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from collections.abc import Iterable
 
 import prometheus_client
 from prometheus_client import multiprocess
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-log = logging.getLogger("serving.access")
+log = logging.getLogger(__name__)
 METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
 REQUESTS = prometheus_client.Counter("classifier_requests", "HTTP requests answered",
                                      ["endpoint", "method", "status"])
@@ -54,7 +58,7 @@ def pid_alive(pid: int) -> bool:
 
 def drop_dead_workers(directory: str | None = None) -> list[int]:
     """Mark dead every process with live-gauge files in the multiprocess directory that no longer runs."""
-    directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory or not os.path.isdir(directory):
         return []
     pids = {int(m.group(1)) for name in os.listdir(directory) if (m := LIVE_GAUGE_FILE.match(name))}
@@ -64,8 +68,24 @@ def drop_dead_workers(directory: str | None = None) -> list[int]:
     return dead
 
 
+async def metrics_page(_: Request) -> Response:
+    """Every worker's metrics (one worker answers for all), the dead ones' gauges dropped first."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    registry = prometheus_client.REGISTRY
+    if directory:
+        if dead := drop_dead_workers(directory):
+            log.info("dropped the live gauges of dead worker processes %s", dead)
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, directory)
+    return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+def routes() -> list[Route]:
+    return [Route("/metrics", metrics_page, methods=["GET"])]
+
+
 class RequestMetrics:
-    """ASGI middleware: counts, times and gauges every HTTP request under a bounded label; one access-log line."""
+    """ASGI middleware: counts, times and gauges every HTTP request under a bounded label."""
 
     def __init__(self, app, known: Iterable[str], folders: Iterable[str]) -> None:
         self.app, self.known, self.folders = app, frozenset(known), tuple(folders)
@@ -74,10 +94,6 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = label_of(scope["path"], self.known, self.folders)
-        if endpoint == "/metrics":
-            dead = drop_dead_workers()
-            if dead:
-                log.info("dropped the in-progress gauges of dead workers %s", dead)
         method = scope["method"] if scope["method"] in METHODS else "other"
         status = 500  # if the app raises before answering
         started = time.perf_counter()
@@ -97,7 +113,5 @@ class RequestMetrics:
             elapsed = time.perf_counter() - started
             REQUESTS.labels(endpoint, method, str(status)).inc()
             DURATION.labels(endpoint).observe(elapsed)
-            if endpoint not in ("/metrics", "/livez", "/healthz", "/readyz"):
-                log.info("%s %s %d %.1f ms", method, scope["path"][:200], status, elapsed * 1000)
 
 

@@ -57,16 +57,15 @@ def reduce_map(maps: np.ndarray) -> tuple[np.ndarray, float]:
     return (heat / scale if scale > 0 else heat).astype(np.float32), scale
 
 
-# The web UI and the docs page; mounted routes come before BentoML's own `/` and `/docs.json`.
-@bentoml.asgi_app(Starlette(routes=[*ui.routes(), *openapi.routes()]), path="/")
+# The web UI, the docs page, /metrics; mounted routes come before BentoML's own `/` and `/docs.json`.
+@bentoml.asgi_app(Starlette(routes=[*ui.routes(), *openapi.routes(), *metrics.routes()]), path="/")
 @bentoml.service(
     # serving.routes answers 503 at SERVING_TIMEOUT; BentoML's own timeout (504) is only a backstop.
     traffic={"timeout": SETTINGS.timeout_s + 30},
     workers=SETTINGS.workers,
-    # BentoML labels its request metrics with the raw path (unbounded under 404 scans) and has
-    # no setting for that: its request metrics and access log skip every path, serving.metrics
-    # records requests with bounded labels instead.
-    logging={"access": {"enabled": True, "skip_paths": ["/"]}},
+    # BentoML labels its request metrics with the raw path (unbounded under 404 scans), with no
+    # setting to bound it: serving.metrics records requests and serves /metrics instead.
+    metrics={"enabled": False, "namespace": "bentoml_service"},
 )
 class Classifier:
     """Image classifier with saliency maps, from ``SERVING_MODEL`` (a folder or a store tag)."""
