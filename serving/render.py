@@ -20,6 +20,13 @@ MAX_SIDE = 512  # longest side of a PNG answer; smaller uploads keep their own s
 STRENGTH = 0.7  # blend weight of the hottest pixels (cold ones show the image)
 
 
+def reduce_map(maps: np.ndarray) -> tuple[np.ndarray, float]:
+    """C×H×W or H×W saliency → H×W in [0, 1] (max |value| over channels), and the divisor used."""
+    heat = np.abs(maps).max(axis=0) if maps.ndim == 3 else np.abs(maps)
+    scale = float(heat.max())
+    return (heat / scale if scale > 0 else heat).astype(np.float32), scale
+
+
 def display_heat(heat: np.ndarray, percentile: float = 99.0) -> np.ndarray:
     """``heat`` (H×W in [0, 1]) rescaled for the eye: divided by its ``percentile`` and clipped.
 

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from pipeline.common.contract import ModelCard
+
 TopK = Annotated[StrictInt, Field(ge=1, le=1000)]
 Method = Literal["gradient", "guided", "gradcam", "guided_gradcam"]
 Format = Literal["png", "json"]
@@ -75,3 +77,12 @@ class Metadata(BaseModel):
     source: str
     provider: str
     settings: dict[str, int | bool]
+
+    @classmethod
+    def of(cls, card: ModelCard, source: str, provider: str, settings: dict[str, int | bool]) -> Metadata:
+        """What ``GET /metadata`` says about the model ``card`` describes, served from ``source``."""
+        return cls(model=card.registered_model or card.architecture, version=card.version,
+                   architecture=card.architecture, classes=card.classes, image_size=card.image_size,
+                   channels=card.channels, mean=card.mean, std=card.std, mlflow_run_id=card.mlflow_run_id,
+                   git_commit=card.git_commit, data_md5=card.data_md5, metrics=card.metrics, files=card.files,
+                   source=source, provider=provider, settings=settings)

@@ -31,7 +31,7 @@ from serving import metrics, openapi, routes, store, ui, uploads
 from serving.batching import Batcher
 from serving.errors import ErrorBodies, PayloadTooLarge
 from serving.model import check_model_or_exit, onnx_session
-from serving.render import saliency_png
+from serving.render import reduce_map, saliency_png
 from serving.schemas import (
     BatchPredictions,
     Format,
@@ -48,13 +48,6 @@ from serving.settings import Settings
 log = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
 MODEL_TAG = store.store_tag()  # None when SERVING_MODEL is a folder
-
-
-def reduce_map(maps: np.ndarray) -> tuple[np.ndarray, float]:
-    """C×H×W or H×W saliency → H×W in [0, 1] (max |value| over channels), and the divisor used."""
-    heat = np.abs(maps).max(axis=0) if maps.ndim == 3 else np.abs(maps)
-    scale = float(heat.max())
-    return (heat / scale if scale > 0 else heat).astype(np.float32), scale
 
 
 # The web UI, the docs page, /metrics; mounted routes come before BentoML's own `/` and `/docs.json`.
@@ -89,14 +82,8 @@ class Classifier:
         card = ModelCard.read(model_dir)
         self.classes: list[str] = card.classes
         self.size, self.channels = card.image_size, card.channels
-        self.info = Metadata(
-            model=card.registered_model or card.architecture, version=card.version,
-            architecture=card.architecture, classes=self.classes, image_size=self.size, channels=self.channels,
-            mean=card.mean, std=card.std, mlflow_run_id=card.mlflow_run_id, git_commit=card.git_commit,
-            data_md5=card.data_md5, metrics=card.metrics, files=card.files,
-            source=f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else model_dir.name,
-            provider=provider, settings=SETTINGS.public(),
-        )
+        source = f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else model_dir.name  # no full path
+        self.info = Metadata.of(card, source, provider, SETTINGS.public())
         self.batcher = Batcher(self._probabilities, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
         # Decoding runs here, off the event loop, a bounded number at a time.
         self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from pipeline.common import images
 from pipeline.lib.config import PreprocessParams
 from pipeline.preprocess import preprocess_folder
-from serving import forms, service, store, uploads
+from serving import forms, render, service, store, uploads
 from serving.errors import ErrorBodies, ImageRejected, PayloadTooLarge
 from serving.routes import ApiRoutes
 from serving.schemas import PredictFields
@@ -39,7 +39,10 @@ SIZE, CHANNELS = 32, 1  # the exported_model fixture's input ...
 CLASSES = ["cat", "dog", "owl"]  # ... and classes (conftest.SERVING_CLASSES)
 
 
-def load_image(path: Path, what: str, size: int, channels: int, settings: Settings = Settings()) -> np.ndarray:
+DEFAULTS = Settings()
+
+
+def load_image(path: Path, what: str, size: int, channels: int, settings: Settings = DEFAULTS) -> np.ndarray:
     """An upload's path as the service takes it: size, header and scan checks, then the decode."""
     data = uploads.read_file(path, what, settings)
     uploads.check_upload(data, what, settings)
@@ -225,7 +228,7 @@ def test_saliency_png_and_json(classifier, run, exported_model: Path, photos: li
     body = json.loads(run(classifier.saliency(image=photos[3], target=1, method="guided_gradcam",
                                               format="json")).body)
     heat = np.array(body["map"])
-    want, scale = service.reduce_map(guided[0] * gradcam[0][None])
+    want, scale = render.reduce_map(guided[0] * gradcam[0][None])
     assert heat.shape == (SIZE, SIZE) and heat.min() >= 0 and heat.max() <= 1
     np.testing.assert_allclose(heat, want, atol=1e-4)
     np.testing.assert_allclose(body["scale"], scale, rtol=1e-5)
