@@ -107,8 +107,11 @@ def contract_spec(classes: list[str], settings: Settings, version: str) -> dict[
                 {"image/png": {"schema": {"type": "string", "format": "binary"}}, **_json("SaliencyMap")},
                 IMAGE_ERRORS)},
             "/metadata": {"get": {**metadata, "operationId": "metadata_get"},
-                          "post": {**metadata, "requestBody": {"required": False, "content": {"application/json": {
-                              "schema": {"type": "object", "properties": {}, "additionalProperties": False}}}}}},
+                          "post": {**_operation("metadata", "what is being served (for BentoML's clients)", None,
+                                                _json("Metadata"), ("400", "413", "503")),
+                                   "requestBody": {"required": False, "content": {"application/json": {
+                                       "schema": {"type": "object", "properties": {},
+                                                  "additionalProperties": False}}}}}},
             "/livez": probe, "/healthz": probe,
             "/readyz": {"get": {**probe["get"], "responses": {**probe["get"]["responses"], **_errors(("503",))}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["Infrastructure"],

@@ -139,7 +139,7 @@ def test_readyz_and_prometheus_metrics(http: httpx.Client) -> None:
     predict_works(http)
     metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    assert "# TYPE bentoml_service_request_total counter" in metrics.text
+    assert "# TYPE classifier_requests_total counter" in metrics.text  # serving.metrics: bounded labels
     assert 'endpoint="/predict"' in metrics.text and "classifier_batch_size_count" in metrics.text
 
 
