@@ -236,7 +236,9 @@ def test_bentoml_build(store_home: Path) -> None:
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in info["models"]] == ["cnn-classifier:e2e"]
     sources = sorted(str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*.py"))
-    assert sources == import_closure("serving.service")  # the service's modules, nothing from training
+    # the service's modules, and pipeline.common shipped whole (bentofile.yaml): nothing from training
+    common = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pipeline" / "common").glob("*.py"))
+    assert sources == sorted(set(import_closure("serving.service")) | set(common))
     static = sorted(p.name for p in (bento / "src" / "serving" / "static").iterdir())
     assert static == ["app.js", "index.html", "style.css"]  # the web UI travels with it
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
