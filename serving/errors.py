@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from http import HTTPStatus
 from typing import Any
 
 from bentoml.exceptions import BentoMLException
 
+log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 
@@ -74,10 +76,12 @@ class ErrorBodies:
             return await self.app(scope, receive, send)
         start: dict | None = None
         body = b""
+        started = False
 
         async def shaped(message) -> None:
-            nonlocal start, body
+            nonlocal start, body, started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != NOSNIFF[0]]
                 message = {**message, "headers": [*headers, NOSNIFF]}
                 if message["status"] >= 400:
@@ -90,7 +94,14 @@ class ErrorBodies:
                 return None
             await self._send_error(send, scope, start, body)
 
-        await self.app(scope, receive, shaped)
+        try:
+            await self.app(scope, receive, shaped)
+        except Exception:  # a bug: logged with its traceback, answered as JSON like every other error
+            log.exception("%s %s: unhandled error", scope.get("method"), scope.get("path"))
+            if not started:
+                first, last = error_messages(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: see the server log")
+                await send({**first, "headers": [*first["headers"], NOSNIFF]})
+                await send(last)
 
     async def _send_error(self, send, scope, start: dict, body: bytes) -> None:
         status = start["status"]

@@ -363,7 +363,10 @@ def test_api_routes_admit_within_bounds_and_every_error_is_json_with_nosniff(run
     async def other(request):
         return JSONResponse([{"error": "why"}], status_code=400)
 
-    inner = Starlette(routes=[Route("/other", other, methods=["POST"])])
+    async def boom(request):
+        raise RuntimeError("a bug")
+
+    inner = Starlette(routes=[Route("/other", other, methods=["POST"]), Route("/boom", boom)])
     settings = Settings(max_bytes=300, max_concurrency=1, workers=1)
     app = ErrorBodies(ApiRoutes(inner, settings, handler=handler))
 
@@ -380,10 +383,10 @@ def test_api_routes_admit_within_bounds_and_every_error_is_json_with_nosniff(run
             release.set()
             return (ok, upper, (await held), shed, await client.post("/predict", files={"image": ("a", b"x" * 400)}),
                     await client.post("/predict", files={"file": ("a", b"x")}), await client.get("/predict"),
-                    await client.post("/other"), await client.get("/nowhere"))
+                    await client.post("/other"), await client.get("/nowhere"), await client.get("/boom"))
 
     with caplog.at_level("INFO", logger="serving.routes"):
-        ok, upper, held, shed, big, unknown, wrong_method, other_error, missing = run(scenario())
+        ok, upper, held, shed, big, unknown, wrong_method, other_error, missing, bug = run(scenario())
     assert ok.json() == {"bytes": 10, "k": 3} and held.json() == {"bytes": 10, "k": 7}
     assert upper.status_code == 200 and upper.json()["bytes"] == 3  # media types are case-insensitive
     assert shed.status_code == 503 and shed.headers["retry-after"] == "1" and "overloaded" in shed.json()["error"]
@@ -395,5 +398,6 @@ def test_api_routes_admit_within_bounds_and_every_error_is_json_with_nosniff(run
     assert other_error.json() == {"error": "why"}  # BentoML's [{"error": ...}] list unwrapped
     assert int(other_error.headers["content-length"]) == len(other_error.content)
     assert missing.status_code == 404 and missing.json() == {"error": "path: no such endpoint: GET /nowhere"}
-    for response in (ok, shed, big, unknown, wrong_method, other_error, missing):
+    assert bug.status_code == 500 and isinstance(bug.json()["error"], str)  # a bug: still JSON
+    for response in (ok, shed, big, unknown, wrong_method, other_error, missing, bug):
         assert response.headers["x-content-type-options"] == "nosniff"
