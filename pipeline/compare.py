@@ -30,7 +30,8 @@ from pipeline.lib.config import PARAMS_FILE, load_params
 log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # (column title, metric keys (first present wins), format) of the metric columns, in table order.
-METRIC_COLUMNS = (("test top-1", ("test_top1",), "{:.4f}"), ("test top-5", ("test_top5",), "{:.4f}"),
+# test_top5 is top-k accuracy with k = min(5, classes) (pipeline.evaluate): top-3 for a 3-class set.
+METRIC_COLUMNS = (("test top-1", ("test_top1",), "{:.4f}"), ("test top-k", ("test_top5",), "{:.4f}"),
                   ("train s", ("train_seconds",), "{:.1f}"),
                   # the run's mean; older runs only have the per-epoch value (its last epoch)
                   ("img/s", ("mean_images_per_s", "images_per_s"), "{:.0f}"))

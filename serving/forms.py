@@ -1,48 +1,42 @@
-"""Strict request parsing for the service's APIs, in place of BentoML 1.4's serdes.
+"""Strict parsing of the APIs' request bodies: multipart/urlencoded forms (and JSON for /metadata).
 
-BentoML's multipart parser (``_bentoml_impl.serde.MultipartSerde``) answers 500 to a file sent
-under a field the API does not have, downloads any text sent where a file belongs as a URL
-(server-side request forgery where ``uvloop`` is installed), JSON-decodes text fields of any
-size or nesting (5,000 digits or 100,000 ``[`` raise past its handler) and names the upload's
-temporary file after the client's filename (250 bytes → "File name too long"). This one:
-
-* refuses unknown, repeated or missing fields and text where a file belongs (never fetched),
-  with a 400 whose message starts with the field's name;
-* caps text fields at ``max_field_chars`` characters before decoding them;
-* keeps each upload in memory and hands the API a placeholder path that names it in this
-  process's :data:`UPLOADS` (under ``/dev/null/``, which no file can be under): the client's
-  filename is never used, nothing is written to disk, so nothing outlives a killed worker, and
-  no system call is spent per upload (:mod:`serving.guard` drops the entries after the answer).
+* unknown, repeated or missing fields, and text where a file belongs (never fetched as a URL or
+  path), are refused with a 400 whose message starts with the field's name;
+* text fields are capped at ``max_field_chars`` characters before they are decoded;
+* the body is capped at ``max_bytes`` (413), uploads stay in memory (the client's filename is
+  never used, nothing is written to disk);
+* media types are matched case-insensitively (``MULTIPART/FORM-DATA`` is a form).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-from http import HTTPStatus
-from pathlib import PurePath
+from dataclasses import dataclass
 from typing import Any
 
-from bentoml.exceptions import BadInput, BentoMLException
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
+from serving.errors import FieldError, PayloadTooLarge
 from serving.settings import Settings
 
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-UPLOADS_KEY = "serving.uploads"  # scope key: the UPLOADS entries of a request, dropped after the answer
-UPLOAD_DIR = PurePath("/dev/null")  # a file, so no path under it exists on any disk
-UPLOADS: dict[str, bytes] = {}  # placeholder path → the upload's bytes, for the requests in progress
-_numbers = itertools.count()
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
 
-class FieldError(BadInput):
-    """A request field outside the contract (400); the message starts with the field's name."""
+@dataclass(frozen=True)
+class Form:
+    """An API's fields: its file fields (name → whether it repeats) and a model of its text fields."""
+
+    files: dict[str, bool]
+    text: type[BaseModel]
 
 
-class TooManyFiles(BentoMLException):
-    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+@dataclass
+class Parsed:
+    files: dict[str, Any]  # name → bytes, or a list of bytes for a repeated field
+    values: BaseModel
 
 
 def describe_validation(err: ValidationError) -> str:
@@ -55,26 +49,7 @@ def describe_validation(err: ValidationError) -> str:
     return "; ".join(f"{field}: {' or '.join(messages)}" for field, messages in by_field.items())
 
 
-def _upload_path(scope: dict, data: bytes) -> PurePath:
-    """``data`` kept in :data:`UPLOADS` under a placeholder path the API hands to :func:`upload_bytes`."""
-    path = UPLOAD_DIR / f"upload-{next(_numbers)}"
-    UPLOADS[str(path)] = data
-    scope.setdefault(UPLOADS_KEY, []).append(str(path))
-    return path
-
-
-def upload_bytes(path: PurePath) -> bytes | None:
-    """The bytes of an upload of a request in progress, or None for any other path."""
-    return UPLOADS.get(str(path))
-
-
-def close_uploads(scope: dict) -> None:
-    """Forget the uploads of a finished request."""
-    for key in scope.pop(UPLOADS_KEY, None) or ():
-        UPLOADS.pop(key, None)
-
-
-def _decode_text(name: str, value: str, limit: int) -> Any:
+def decode_text(name: str, value: str, limit: int) -> Any:
     if len(value) > limit:
         raise FieldError(f"{name}: {len(value)} characters, over the limit of {limit} (SERVING_MAX_FIELD_CHARS)")
     # BentoML's own client sends every text field JSON-encoded ("3", "\"gradcam\"", "null");
@@ -85,108 +60,108 @@ def _decode_text(name: str, value: str, limit: int) -> Any:
         return value
 
 
-def _is_list(annotation: Any) -> bool:
-    from typing import get_args
-
-    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
-
-    if is_union_type(annotation):
-        annotation = get_args(annotation)[0]
-    return is_list_type(annotation)
+def media_type(request: Request) -> bytes:
+    """The Content-Type without its parameters, lower-cased (media types are case-insensitive)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower().encode("latin-1")
 
 
-def check_fields(cls: Any, items: list[tuple[str, Any]], settings: Settings, api: str) -> dict[str, Any]:
-    """The (field, value) pairs of a request → the API's keyword arguments, or a FieldError/TooManyFiles."""
-    fields = cls.model_fields
-    files = set(cls.multipart_fields)
-    expected = ", ".join(fields) or "no fields"
+def bounded(request: Request, limit: int) -> Request:
+    """The request with its body refused (413) past ``limit`` bytes, declared or counted."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body: {int(declared)} bytes, over the limit of {limit} (SERVING_MAX_BYTES)")
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:  # chunked uploads declare no length
+            raise PayloadTooLarge(f"body: over the limit of {limit} bytes (SERVING_MAX_BYTES)")
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def parse(request: Request, form: Form, settings: Settings) -> Parsed:
+    """The request's fields checked against ``form``, or a FieldError / PayloadTooLarge."""
+    request = bounded(request, settings.max_bytes)
+    kind = media_type(request)
+    if kind not in FORM_TYPES:
+        if form.files:  # a file API: only forms can carry the file
+            name = next(iter(form.files))
+            raise FieldError(f"{name}: missing; send multipart/form-data with a file part named {name!r}")
+        body = await request.body()
+        try:
+            parsed = json.loads(body) if body.strip() else {}
+        except (ValueError, RecursionError) as err:
+            raise FieldError(f"body: not JSON ({type(err).__name__})") from None
+        if not isinstance(parsed, dict):
+            raise FieldError(f"body: expected a JSON object, got {type(parsed).__name__}")
+        return _checked(form, list(parsed.items()), settings)
+    try:
+        # text parts may be as large as the body: max_field_chars then refuses them by name
+        data = await request.form(max_files=settings.max_files, max_fields=32, max_part_size=settings.max_bytes)
+    except HTTPException as err:
+        if "Too many files" in str(err.detail):
+            raise PayloadTooLarge(f"more than {settings.max_files} files (SERVING_MAX_FILES)") from None
+        raise FieldError(f"body: malformed form data: {err.detail}") from None
+    except (ValueError, KeyError, AssertionError) as err:  # python-multipart on odd headers
+        raise FieldError(f"body: malformed form data: {type(err).__name__}") from None
+    items = []
+    for name, value in data.multi_items():
+        if isinstance(value, UploadFile):
+            value = await value.read() if name in form.files else _FileSent()
+        elif name not in form.files:
+            value = decode_text(name, value, settings.max_field_chars)
+        else:
+            value = _TextSent()
+        items.append((name, value))
+    return _checked(form, items, settings)
+
+
+class _FileSent:  # a file under a text field's name
+    pass
+
+
+class _TextSent:  # text under a file field's name
+    pass
+
+
+def _checked(form: Form, items: list[tuple[str, Any]], settings: Settings) -> Parsed:
+    known = [*form.files, *form.text.model_fields]
     grouped: dict[str, list[Any]] = {}
     for name, value in items:
-        if name not in fields:
+        if name not in known:
             shown = name if len(name) <= 40 else name[:40] + "..."
-            raise FieldError(f"{shown!r}: unknown field; {api} takes: {expected}")
+            raise FieldError(f"{shown!r}: unknown field; this endpoint takes: {', '.join(known) or 'no fields'}")
         grouped.setdefault(name, []).append(value)
-    data: dict[str, Any] = {}
+    files: dict[str, Any] = {}
+    text: dict[str, Any] = {}
     for name, values in grouped.items():
-        if name in files:
-            is_list = _is_list(fields[name].annotation)
-            for value in values:
-                if not isinstance(value, UploadFile):
-                    raise FieldError(f"{name}: expected a file upload (a multipart file part), got a text value; "
-                                     "URLs and paths are never fetched")
-            if is_list:
+        if name in form.files:
+            if any(not isinstance(v, bytes) for v in values):
+                raise FieldError(f"{name}: expected a file upload (a multipart file part), got a text value; "
+                                 "URLs and paths are never fetched")
+            if form.files[name]:
                 if len(values) > settings.max_files:
-                    raise TooManyFiles(f"{name}: {len(values)} files, over the limit of {settings.max_files} "
-                                       "(SERVING_MAX_FILES)")
-                data[name] = values
+                    raise PayloadTooLarge(f"{name}: {len(values)} files, over the limit of {settings.max_files} "
+                                          "(SERVING_MAX_FILES)")
+                files[name] = values
             elif len(values) > 1:
                 raise FieldError(f"{name}: one file expected, got {len(values)}")
             else:
-                data[name] = values[0]
+                files[name] = values[0]
         else:
             if len(values) > 1:
                 raise FieldError(f"{name}: given {len(values)} times, expected once")
-            if isinstance(values[0], UploadFile):
+            if isinstance(values[0], _FileSent):
                 raise FieldError(f"{name}: expected a text value, got a file upload")
-            data[name] = values[0]
-    missing = [name for name in files if name not in data and fields[name].is_required()]
+            text[name] = values[0]
+    missing = [name for name in form.files if name not in files]
     if missing:
         raise FieldError(f"{missing[0]}: missing; send it as a multipart/form-data file part")
-    return data
-
-
-def install(settings: Settings) -> None:
-    """Put the strict serdes in BentoML's table (every content type an API can be sent)."""
-    from _bentoml_impl import serde
-
-    class StrictJSON(serde.JSONSerde):
-        async def parse_request(self, request, cls):
-            api = request.url.path
-            body = await request.body()
-            if cls.multipart_fields:  # a file API: only forms can carry the file
-                raise FieldError(f"{cls.multipart_fields[0]}: missing; send multipart/form-data with a file part "
-                                 f"named {cls.multipart_fields[0]!r}")
-            try:
-                parsed = json.loads(body) if body.strip() else {}
-            except (ValueError, RecursionError) as err:
-                raise FieldError(f"body: not JSON ({type(err).__name__})") from None
-            if not isinstance(parsed, dict):
-                raise FieldError(f"body: expected a JSON object, got {type(parsed).__name__}")
-            data = check_fields(cls, list(parsed.items()), settings, api)
-            try:
-                return cls.model_validate(data)
-            except ValidationError as err:
-                raise FieldError(describe_validation(err)) from None
-
-    class StrictForm(serde.MultipartSerde):
-        async def parse_request(self, request, cls):
-            api = request.url.path
-            try:
-                # text parts may be as large as the body: max_field_chars then refuses them by name
-                form = await request.form(max_files=settings.max_files, max_fields=32,
-                                          max_part_size=settings.max_bytes)
-            except HTTPException as err:
-                if "Too many files" in str(err.detail):
-                    raise TooManyFiles(f"more than {settings.max_files} files (SERVING_MAX_FILES)") from None
-                raise FieldError(f"body: malformed form data: {err.detail}") from None
-            except (ValueError, KeyError, AssertionError) as err:  # python-multipart on odd headers
-                raise FieldError(f"body: malformed form data: {type(err).__name__}") from None
-            items = []
-            for name, value in form.multi_items():
-                if isinstance(value, str) and name not in cls.multipart_fields:  # text in a file field: 400 below
-                    value = _decode_text(name, value, settings.max_field_chars)
-                items.append((name, value))
-            data = check_fields(cls, items, settings, api)
-            for name in cls.multipart_fields:
-                if name in data:
-                    uploads = data[name] if isinstance(data[name], list) else [data[name]]
-                    paths = [_upload_path(request.scope, await upload.read()) for upload in uploads]
-                    data[name] = paths if isinstance(data[name], list) else paths[0]
-            try:
-                return cls.model_validate(data)
-            except ValidationError as err:
-                raise FieldError(describe_validation(err)) from None
-
-    serde.ALL_SERDE["application/json"] = StrictJSON  # type: ignore[index]  # also every unknown type
-    for media_type in FORM_TYPES:
-        serde.ALL_SERDE[media_type] = StrictForm  # type: ignore[index]
+    try:
+        return Parsed(files, form.text.model_validate(text))
+    except ValidationError as err:
+        raise FieldError(describe_validation(err)) from None

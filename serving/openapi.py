@@ -1,22 +1,28 @@
-"""The API description clients and fuzzers read (``/docs.json``), and the docs page at ``/``.
+"""The API description (``/docs.json``) and its docs page (``/docs``), written from the service's own types.
 
-BentoML 1.4 derives ``/docs.json`` from the Python signatures alone, so it declares only
-400/404/500, a ``detail`` string the 400 body does not have, ``/saliency``'s PNG answer but not
-its JSON one, ``target`` as a string, ``images`` without a count limit and no ``GET /metadata``.
-:func:`contract_spec` rewrites it into what the service really does (a test runs schemathesis
-against it). BentoML's page at ``/`` loads Google Tag Manager; :func:`docs_page` is the same
-Swagger UI from BentoML's bundled files with nothing loaded from elsewhere (and a CSP that
-forbids it).
+The spec is built here from the pydantic answer shapes (:mod:`serving.schemas`) and the
+settings, not derived from BentoML's generated one: it declares what the HTTP layer really does
+(every error is ``{"error": "..."}``, the 503's Retry-After, ``/saliency``'s PNG and JSON answers,
+``target`` as an index or a class name, the batch's count limit, ``GET /metadata``); a test runs
+schemathesis against it. The page is Swagger UI from BentoML's bundled files with nothing loaded
+from elsewhere (and a CSP that forbids it).
 """
 
 from __future__ import annotations
 
-import copy
+from functools import cache
 from typing import Any
 
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from serving.schemas import BatchPredictions, Metadata, Predictions, SaliencyMap
 from serving.settings import Settings
 
-ERROR_REF = {"$ref": "#/components/schemas/Error"}
+REF = "#/components/schemas/{model}"
+ERROR_REF = {"$ref": REF.format(model="Error")}
 ERROR_SCHEMA = {
     "type": "object", "title": "Error", "required": ["error"],
     "properties": {"error": {"type": "string", "description": "what is wrong, starting with the field's name"}},
@@ -25,16 +31,17 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
                                "schema": {"type": "integer", "minimum": 0}}}
 STATUSES = {
     "400": "a field missing, unknown, repeated or invalid; text where a file belongs; a body that is not a form",
-    "408": "the body did not arrive within SERVING_BODY_TIMEOUT seconds",
     "413": "body over SERVING_MAX_BYTES, image or batch over SERVING_MAX_PIXELS / SERVING_MAX_BATCH_PIXELS decoded "
            "pixels, more than SERVING_MAX_FILES images",
     "415": "not an image in an accepted format (JPEG, PNG, GIF, BMP, WebP, TIFF)",
-    "422": "an image its decoder cannot read (truncated, corrupt), 0 pixels, or a side under SERVING_MIN_SIDE",
+    "422": "an image its decoder cannot read (truncated, corrupt), 0 pixels, a side under SERVING_MIN_SIDE, or a "
+           "JPEG of more than SERVING_MAX_JPEG_SCANS scans",
     "503": "overloaded: too many requests in progress or queued too long; retry after Retry-After seconds",
 }
-IMAGE_APIS = ("/predict", "/predict_batch", "/saliency")
+IMAGE_ERRORS = ("400", "413", "415", "422", "503")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'")
+TEXT = {"text/plain": {"schema": {"type": "string"}}}
 
 
 def _errors(statuses: tuple[str, ...]) -> dict[str, Any]:
@@ -46,86 +53,98 @@ def _errors(statuses: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def contract_spec(base: dict[str, Any], classes: list[str], settings: Settings, version: str) -> dict[str, Any]:
-    """BentoML's generated spec (``service.openapi_spec.asdict()``) → the service's real contract."""
-    spec = copy.deepcopy(base)
-    spec["info"] = {"title": "cnn-mlops image classifier", "version": version or "0",
-                    "description": "Image classification and saliency maps. Every error answer is "
-                                   "`{\"error\": \"...\"}` naming the field; the only 5xx is 503 (overload) "
-                                   "with Retry-After."}
-    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
-        schemas.pop(name, None)
-    schemas["Error"] = ERROR_SCHEMA
-    paths = spec["paths"]
-    for item in paths.values():  # BentoML keys some responses by int
-        for operation in item.values():
-            if isinstance(operation, dict) and "responses" in operation:
-                operation["responses"] = {str(k): v for k, v in operation["responses"].items()}
-    for path, item in paths.items():
-        operation = item.get("post")
-        if operation is None:
-            continue
-        ok = operation["responses"].get("200")
-        statuses = ("400", "408", "413", "415", "422", "503") if path in IMAGE_APIS else ("400", "408", "413", "503")
-        operation["responses"] = {"200": ok, **_errors(statuses)}
-        body = operation.get("requestBody")
-        if body:
-            for media in body.get("content", {}).values():
-                _tighten_fields(media.get("schema", {}), classes, settings)
-            # /metadata takes no field: an empty body is as good as {} (BentoML's client sends none)
-            body["required"] = any(media.get("schema", {}).get("required") for media in body["content"].values())
-    if "/saliency" in paths:
-        png = paths["/saliency"]["post"]["responses"]["200"]
-        png["description"] = "format=png: the overlay (headers X-Target, X-Prediction, X-Method); format=json: numbers"
-        png["content"]["application/json"] = {"schema": {"$ref": "#/components/schemas/SaliencyMap"}}
-        schemas["SaliencyMap"] = _saliency_schema()
-    if "/metadata" in paths:
-        answer = copy.deepcopy(paths["/metadata"]["post"]["responses"]["200"])
-        paths["/metadata"]["get"] = {
-            "summary": "what is being served", "operationId": "Classifier__metadata_get", "tags": ["Service APIs"],
-            "responses": {"200": answer},
-        }
-    for probe in ("/livez", "/healthz", "/readyz"):
-        if probe in paths:
-            paths[probe]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
-    if "/readyz" in paths:
-        paths["/readyz"]["get"]["responses"].update(_errors(("503",)))
-    if "/metrics" in paths:
-        paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
-    return spec
+def _json(model: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=model)}}}
 
 
-def _tighten_fields(schema: dict[str, Any], classes: list[str], settings: Settings) -> None:
-    props = schema.get("properties", {})
-    schema["additionalProperties"] = False
-    for name in ("image", "images"):  # an empty upload is not an image: 400, like a missing one
-        if name in props:
-            (props[name].get("items") or props[name])["minLength"] = 1
-    if "k" in props:
-        props["k"].update({"type": "integer", "minimum": 1, "maximum": 1000})
-    if "images" in props:
-        props["images"].update({"minItems": 1, "maxItems": settings.max_files})
-    if "target" in props:
-        default = props["target"].get("default")
-        props["target"] = {
-            "title": "Target", "default": default, "nullable": True,
-            "description": "the class to explain: an index or a class name (default: the predicted class)",
-            "anyOf": [{"type": "integer", "minimum": 0, "maximum": max(0, len(classes) - 1)},
-                      {"type": "string", "enum": list(classes) or ["?"]}],
-        }
+def _form(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
 
 
-def _saliency_schema() -> dict[str, Any]:
-    prediction = {"$ref": "#/components/schemas/Prediction"}
+def _operation(name: str, summary: str, body: dict | None, ok: dict[str, Any], errors: tuple[str, ...]
+               ) -> dict[str, Any]:
+    operation = {"operationId": name, "summary": summary, "tags": ["Service APIs"],
+                 "responses": {"200": {"description": "the answer", "content": ok}, **_errors(errors)}}
+    if body is not None:
+        operation["requestBody"] = body
+    return operation
+
+
+def contract_spec(classes: list[str], settings: Settings, version: str) -> dict[str, Any]:
+    """The OpenAPI 3.0 description of the service's HTTP contract."""
+    _, defs = models_json_schema([(m, "serialization") for m in (Predictions, BatchPredictions, SaliencyMap, Metadata)],
+                                 ref_template=REF)
+    image = {"type": "string", "format": "binary", "minLength": 1, "description": "the image file"}
+    k = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5, "description": "how many classes"}
+    target = {"nullable": True, "default": None,
+              "description": "the class to explain: an index or a class name (default: the predicted class)",
+              "anyOf": [{"type": "integer", "minimum": 0, "maximum": max(0, len(classes) - 1)},
+                        {"type": "string", "enum": list(classes) or ["?"]}]}
+    saliency_form = {"image": image, "target": target,
+                     "method": {"type": "string", "enum": ["gradient", "guided", "gradcam", "guided_gradcam"],
+                                "default": "guided"},
+                     "format": {"type": "string", "enum": ["png", "json"], "default": "png"}}
+    batch = {"type": "array", "items": image, "minItems": 1, "maxItems": settings.max_files}
+    metadata = _operation("metadata", "what is being served", None, _json("Metadata"), ())
+    probe = {"get": {"summary": "health probe", "tags": ["Infrastructure"],
+                     "responses": {"200": {"description": "ok", "content": TEXT}}}}
     return {
-        "type": "object", "title": "SaliencyMap", "required": ["method", "target", "prediction", "scale", "map"],
-        "properties": {
-            "method": {"type": "string", "enum": ["gradient", "guided", "gradcam", "guided_gradcam"]},
-            "target": prediction, "prediction": prediction, "scale": {"type": "number"},
-            "map": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "openapi": "3.0.2",
+        "info": {"title": "cnn-mlops image classifier", "version": version or "0",
+                 "description": "Image classification and saliency maps. Every error answer is "
+                                "`{\"error\": \"...\"}` naming the field; the only 5xx is 503 (overload) "
+                                "with Retry-After."},
+        "paths": {
+            "/predict": {"post": _operation("predict", "top-k classes of one image",
+                                            _form({"image": image, "k": k}, ["image"]), _json("Predictions"),
+                                            IMAGE_ERRORS)},
+            "/predict_batch": {"post": _operation("predict_batch", "top-k classes of each image",
+                                                  _form({"images": batch, "k": k}, ["images"]),
+                                                  _json("BatchPredictions"), IMAGE_ERRORS)},
+            "/saliency": {"post": _operation(
+                "saliency", "where the model looks", _form(saliency_form, ["image"]),
+                {"image/png": {"schema": {"type": "string", "format": "binary"}}, **_json("SaliencyMap")},
+                IMAGE_ERRORS)},
+            "/metadata": {"get": {**metadata, "operationId": "metadata_get"},
+                          "post": {**_operation("metadata", "what is being served (for BentoML's clients)", None,
+                                                _json("Metadata"), ("400", "413", "503")),
+                                   "requestBody": {"required": False, "content": {"application/json": {
+                                       "schema": {"type": "object", "properties": {},
+                                                  "additionalProperties": False}}}}}},
+            "/livez": probe, "/healthz": probe,
+            "/readyz": {"get": {**probe["get"], "responses": {**probe["get"]["responses"], **_errors(("503",))}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["Infrastructure"],
+                                 "responses": {"200": {"description": "ok", "content": TEXT}}}},
         },
+        "components": {"schemas": {**defs["$defs"], "Error": ERROR_SCHEMA}},
     }
+
+
+@cache
+def _served_spec() -> dict[str, Any]:
+    import bentoml
+
+    info = bentoml.get_current_service().info
+    return contract_spec(info.classes, Settings.from_env(), info.version)
+
+
+async def _docs_json(_: Request) -> JSONResponse:
+    return JSONResponse(_served_spec())
+
+
+async def _docs_page(_: Request) -> Response:
+    return Response(DOCS_PAGE, media_type="text/html", headers={"Content-Security-Policy": CSP})
+
+
+async def _docs_init(_: Request) -> Response:
+    return Response(DOCS_INIT, media_type="text/javascript")
+
+
+def routes() -> list[BaseRoute]:
+    """``/docs``, ``/docs.json``, ``/docs-init.js`` (mounted before BentoML's own page and spec)."""
+    return [Route("/docs", _docs_page, methods=["GET"]), Route("/docs.json", _docs_json, methods=["GET"]),
+            Route("/docs-init.js", _docs_init, methods=["GET"])]
 
 
 DOCS_PAGE = """<!DOCTYPE html>

@@ -15,10 +15,16 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common.colormap import colorize
-from pipeline.common.images import Source, crop_resize, decode, to_array
 
 MAX_SIDE = 512  # longest side of a PNG answer; smaller uploads keep their own size
 STRENGTH = 0.7  # blend weight of the hottest pixels (cold ones show the image)
+
+
+def reduce_map(maps: np.ndarray) -> tuple[np.ndarray, float]:
+    """C×H×W or H×W saliency → H×W in [0, 1] (max |value| over channels), and the divisor used."""
+    heat = np.abs(maps).max(axis=0) if maps.ndim == 3 else np.abs(maps)
+    scale = float(heat.max())
+    return (heat / scale if scale > 0 else heat).astype(np.float32), scale
 
 
 def display_heat(heat: np.ndarray, percentile: float = 99.0) -> np.ndarray:
@@ -51,14 +57,6 @@ def display_side(short_side: int, model_size: int, max_side: int = MAX_SIDE) -> 
     return max(model_size, min(short_side, max_side))
 
 
-def upload_square(source: Source, channels: int, model_size: int, max_pixels: int,
-                  max_side: int = MAX_SIDE) -> np.ndarray:
-    """The upload as preprocessing crops it (oriented, ``channels``, centre square), C×S×S uint8 with
-    S = :func:`display_side`: :func:`pipeline.common.images.preprocess` without the resize to the model's size."""
-    image = decode(source, max_side, channels, max_pixels)  # JPEG draft keeps both sides >= max_side
-    return to_array(crop_resize(image, display_side(min(image.size), model_size, max_side)))
-
-
 def resample_heat(heat: np.ndarray, side: int) -> np.ndarray:
     """An H×W map in [0, 1] bilinearly resampled to side×side (float32, still in [0, 1])."""
     if heat.shape == (side, side):
@@ -67,8 +65,7 @@ def resample_heat(heat: np.ndarray, side: int) -> np.ndarray:
     return np.clip(np.asarray(image.resize((side, side), Image.Resampling.BILINEAR)), 0, 1)
 
 
-def saliency_png(source: Source, heat: np.ndarray, channels: int, max_pixels: int,
-                 max_side: int = MAX_SIDE) -> bytes:
-    """The PNG answer: ``heat`` (the model-resolution map in [0, 1]) over the upload's centre square."""
-    square = upload_square(source, channels, heat.shape[0], max_pixels, max_side)
+def saliency_png(square: np.ndarray, heat: np.ndarray) -> bytes:
+    """The PNG answer: ``heat`` (the model-resolution map in [0, 1]) over ``square``, the upload's
+    centre square at display size (C×S×S uint8, :func:`serving.uploads.decode_for_display`)."""
     return overlay_png(square, resample_heat(display_heat(heat), square.shape[-1]))

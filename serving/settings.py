@@ -1,5 +1,7 @@
 """The service's settings: ``SERVING_*`` environment variables, defaults sized to the usable CPUs.
 
+Protocol limits (header and body deadlines, connection counts) belong to the HTTP front, not here.
+
 Read once at import (``SETTINGS``), in the ``bentoml serve`` process and in each worker, so
 every process agrees. ``python -m serving.settings`` prints what the defaults resolve to here.
 """
@@ -41,10 +43,9 @@ class Settings:
                                "image decoding threads per worker (default: usable CPUs / workers)")
     ort_spinning: bool = _var("SERVING_ORT_SPINNING", False, "1 lets idle onnxruntime threads spin")
     max_concurrency: int = _var("SERVING_MAX_CONCURRENCY", 128, "requests in processing per replica → 503")
-    max_uploads: int = _var("SERVING_MAX_UPLOADS", 512, "requests still sending their body per replica → 503")
     timeout_s: int = _var("SERVING_TIMEOUT", 30, "seconds to answer once the body has arrived → 503")
-    body_timeout_s: int = _var("SERVING_BODY_TIMEOUT", 20, "seconds for the body to arrive → 408")
-    header_timeout_s: int = _var("SERVING_HEADER_TIMEOUT", 10, "seconds for the request headers → connection closed")
+    max_scan_pixels: int = _var("SERVING_MAX_SCAN_PIXELS", 400_000_000,
+                                "a JPEG's scans × pixels: its decoding work (16 scans of 25 MP) → 422")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, cpus: int | None = None) -> Settings:

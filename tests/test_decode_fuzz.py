@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.service import ImageRejected, PayloadTooLarge, Settings, check_upload, decode_upload
+from serving.errors import ImageRejected, PayloadTooLarge
+from serving.settings import Settings
+from serving.uploads import check_upload, decode_upload
 
 # Pillow warns on many mutated files (corrupt EXIF, truncated tags): expected here, not news.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")

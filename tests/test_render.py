@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.common import colormap, images
-from serving import render
+from serving import render, uploads
+from serving.settings import Settings
 
 
 def test_colormap_is_matplotlibs_inferno() -> None:
@@ -55,11 +56,19 @@ def encoded(pixels: np.ndarray, fmt: str = "PNG", orientation: int | None = None
     return buffer.getvalue()
 
 
+def drawn(data: bytes, heat: np.ndarray, channels: int) -> bytes:
+    """The service's path: one decode (serving.uploads), then the overlay over its display square."""
+    settings = Settings(max_bytes=10**9, max_pixels=10**8)
+    model_input, square = uploads.decode_for_display(data, "image", heat.shape[0], channels, settings)
+    assert model_input.shape == (channels, heat.shape[0], heat.shape[0])
+    return render.saliency_png(square, heat)
+
+
 @pytest.mark.parametrize(("width", "height", "side"), [(300, 200, 200), (1000, 800, 512), (20, 24, 32)])
 def test_png_is_the_upload_square_at_its_own_size(width: int, height: int, side: int) -> None:
     pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
     data = encoded(pixels)
-    png = Image.open(io.BytesIO(render.saliency_png(data, np.zeros((32, 32), np.float32), 1, 10**8)))
+    png = Image.open(io.BytesIO(drawn(data, np.zeros((32, 32), np.float32), 1)))
     assert png.size == (side, side)  # min(shorter side, 512), never under the model's 32
     # No heat: exactly what preprocessing makes of the upload at that size (oriented, grey, centre crop).
     want = images.preprocess(data, side, 1)[0]
@@ -73,7 +82,7 @@ def test_png_follows_exif_orientation_and_places_the_heat() -> None:
     data = encoded(pixels, "JPEG", orientation=6)
     heat = np.zeros((8, 8), np.float32)
     heat[4:, :] = 1.0  # the model's bottom half is hot
-    png = np.asarray(Image.open(io.BytesIO(render.saliency_png(data, heat, 3, 10**8))), dtype=float)
+    png = np.asarray(Image.open(io.BytesIO(drawn(data, heat, 3))), dtype=float)
     assert png.shape == (100, 100, 3)
     top, bottom = png[:40], png[60:]
     assert top.min() > 230  # the white upper half, untouched by heat (cold keeps the image)

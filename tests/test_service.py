@@ -27,13 +27,26 @@ from starlette.routing import Route
 from pipeline.common import images
 from pipeline.lib.config import PreprocessParams
 from pipeline.preprocess import preprocess_folder
-from serving import service, store
-from serving.service import ImageRejected, PayloadTooLarge, Settings, load_image
+from serving import forms, render, service, store, uploads
+from serving.errors import ErrorBodies, ImageRejected, PayloadTooLarge
+from serving.routes import ApiRoutes
+from serving.schemas import PredictFields
+from serving.settings import Settings
 from tests.conftest import write_export
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, CHANNELS = 32, 1  # the exported_model fixture's input ...
 CLASSES = ["cat", "dog", "owl"]  # ... and classes (conftest.SERVING_CLASSES)
+
+
+DEFAULTS = Settings()
+
+
+def load_image(path: Path, what: str, size: int, channels: int, settings: Settings = DEFAULTS) -> np.ndarray:
+    """An upload's path as the service takes it: size, header and scan checks, then the decode."""
+    data = uploads.read_file(path, what, settings)
+    uploads.check_upload(data, what, settings)
+    return uploads.decode_upload(data, what, size, channels, settings)
 
 
 def session(model_dir: Path, name: str = "classifier.onnx") -> ort.InferenceSession:
@@ -139,7 +152,7 @@ def test_load_image_refuses_bad_files(tmp_path: Path, bad_files, name: str) -> N
     with pytest.raises(ImageRejected) as caught:
         load_image(path, "image", SIZE, CHANNELS)
     assert f"image: {reason}:" in str(caught.value)
-    assert caught.value.error_code == service.REASON_STATUS[reason]
+    assert caught.value.error_code == uploads.REASON_STATUS[reason]
     assert 400 <= caught.value.error_code < 500
 
 
@@ -182,12 +195,14 @@ def test_batched_predictions_go_back_to_their_requests(
     async def all_at_once():
         return await asyncio.gather(*(classifier.predict(image=p, k=3) for p in paths))
 
-    for _ in range(3):  # BentoML's dispatcher sends its first requests alone while it calibrates
-        results = run(all_at_once())
+    classifier.batcher.sizes = []
+    results = run(all_at_once())
     for result, want in zip(results, expected, strict=True):
         got = np.zeros(3)
         got[[p.index for p in result.predictions]] = [p.probability for p in result.predictions]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # 36 requests at once: they queue while the first batch runs, so batches of more than one formed
+    assert sum(classifier.batcher.sizes) == len(paths) and max(classifier.batcher.sizes) > 1, classifier.batcher.sizes
 
 
 def test_predict_batch(classifier, run, exported_model: Path, photos: list[Path]) -> None:
@@ -213,7 +228,7 @@ def test_saliency_png_and_json(classifier, run, exported_model: Path, photos: li
     body = json.loads(run(classifier.saliency(image=photos[3], target=1, method="guided_gradcam",
                                               format="json")).body)
     heat = np.array(body["map"])
-    want, scale = service.reduce_map(guided[0] * gradcam[0][None])
+    want, scale = render.reduce_map(guided[0] * gradcam[0][None])
     assert heat.shape == (SIZE, SIZE) and heat.min() >= 0 and heat.max() <= 1
     np.testing.assert_allclose(heat, want, atol=1e-4)
     np.testing.assert_allclose(body["scale"], scale, rtol=1e-5)
@@ -306,37 +321,83 @@ def test_serving_model_champion_resolves_the_aliased_import(exported_model: Path
     assert resolved.parts[-1] == champion_tag.split(":")[1]  # the store folder of the aliased import
 
 
-# ----------------------------------------------------------------------------- the ASGI guard
-def test_request_guard_limits_bodies_and_shapes_errors(run) -> None:
-    from serving.guard import RequestGuard
+# ----------------------------------------------------------------------------- JPEG scan budget
+def progressive_bomb(side: int = 5000, repeats: int = 3000) -> bytes:
+    """The issue's bomb: a flat progressive JPEG whose last scan is repeated (224 KB for 5000 px, 3,000 repeats)."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")  # the last SOS marker: its scan runs to the EOI marker
+    return data[:-2] + data[last:-2] * repeats + b"\xff\xd9"
 
-    async def endpoint(request):
-        body = await request.body()
-        status = int(request.query_params["status"])
-        if status == 200:
-            return JSONResponse({"bytes": len(body)})
-        return JSONResponse([{"error": "why"}], status_code=status)
 
-    inner = Starlette(routes=[Route("/x", endpoint, methods=["POST"])])
-    app = RequestGuard(inner, Settings(max_bytes=100, workers=1), api_paths=["/x"])
+def test_jpeg_scans_are_counted_and_a_progressive_bomb_is_refused_before_decoding() -> None:
+    plain = progressive_bomb(64, 0)
+    base = uploads.jpeg_scans(plain, 1000)
+    assert base >= 2  # progressive: several scans
+    assert uploads.jpeg_scans(progressive_bomb(64, 7), 1000) == base + 7
+    assert uploads.jpeg_scans(progressive_bomb(64, 500), 20) == 21  # stops counting past the limit
+    baseline = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(baseline, "JPEG")
+    assert uploads.jpeg_scans(baseline.getvalue(), 1000) == 1
+    settings = Settings(max_bytes=10**7, max_pixels=25_000_000)
+    bomb = progressive_bomb()
+    with pytest.raises(ImageRejected, match="image: too_many_scans: a 5000x5000 JPEG of more than 16 scans") as caught:
+        uploads.check_upload(bomb, "image", settings)
+    assert caught.value.error_code == 422 and "SERVING_MAX_SCAN_PIXELS" in str(caught.value)
+    assert uploads.check_upload(progressive_bomb(1000, 100), "image", settings) == 1000 * 1000  # 1 MP: in budget
 
-    async def post(status: int, content, path: str = "/x") -> httpx.Response:
+
+# ----------------------------------------------------------------------------- the HTTP layer, in-process
+def test_api_routes_admit_within_bounds_and_every_error_is_json_with_nosniff(run, caplog) -> None:
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def handler(path: str, request, settings: Settings):
+        parsed = await forms.parse(request, forms.Form({"image": False}, PredictFields), settings)
+        if parsed.values.k == 7:  # hold the one slot until released
+            entered.set()
+            await release.wait()
+        return JSONResponse({"bytes": len(parsed.files["image"]), "k": parsed.values.k})
+
+    async def other(request):
+        return JSONResponse([{"error": "why"}], status_code=400)
+
+    async def boom(request):
+        raise RuntimeError("a bug")
+
+    inner = Starlette(routes=[Route("/other", other, methods=["POST"]), Route("/boom", boom)])
+    settings = Settings(max_bytes=300, max_concurrency=1, workers=1)
+    app = ErrorBodies(ApiRoutes(inner, settings, handler=handler))
+
+    async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            return await client.post(path, params={"status": status}, content=content)
+            upload = {"image": ("a.png", b"x" * 10)}
+            ok = await client.post("/predict", files=upload, data={"k": "3"})
+            upper = await client.post("/predict", content=b"--b\r\nContent-Disposition: form-data; name=\"image\"; "
+                                       b"filename=\"a\"\r\n\r\nxyz\r\n--b--\r\n",
+                                       headers={"content-type": "MULTIPART/FORM-DATA; boundary=b"})
+            held = asyncio.create_task(client.post("/predict", files=upload, data={"k": "7"}))
+            await entered.wait()
+            shed = await client.post("/predict", files=upload)
+            release.set()
+            return (ok, upper, (await held), shed, await client.post("/predict", files={"image": ("a", b"x" * 400)}),
+                    await client.post("/predict", files={"file": ("a", b"x")}), await client.get("/predict"),
+                    await client.post("/other"), await client.get("/nowhere"), await client.get("/boom"))
 
-    assert run(post(200, b"x" * 100)).json() == {"bytes": 100}  # 2xx bodies pass as they are
-    too_big = run(post(200, b"x" * 101))
-    assert too_big.status_code == 413 and "over the limit of 100" in too_big.json()["error"]
-
-    async def chunks():  # no Content-Length: counted as it arrives
-        yield b"x" * 60
-        yield b"x" * 60
-
-    assert run(post(200, chunks())).status_code == 413
-    bad = run(post(400, b""))
-    assert bad.status_code == 400 and bad.json() == {"error": "why"}
-    assert int(bad.headers["content-length"]) == len(bad.content)
-    busy = run(post(503, b""))
-    assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "overloaded" in busy.json()["error"]
-    missing = run(post(200, b"", path="/nowhere"))
-    assert missing.status_code == 404 and missing.json() == {"error": "path: no such endpoint: POST /nowhere"}
+    with caplog.at_level("INFO", logger="serving.routes"):
+        ok, upper, held, shed, big, unknown, wrong_method, other_error, missing, bug = run(scenario())
+    assert ok.json() == {"bytes": 10, "k": 3} and held.json() == {"bytes": 10, "k": 7}
+    assert upper.status_code == 200 and upper.json()["bytes"] == 3  # media types are case-insensitive
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1" and "overloaded" in shed.json()["error"]
+    shed_lines = [r for r in caplog.records if "503" in r.getMessage()]
+    assert [(r.levelname, r.exc_info) for r in shed_lines] == [("WARNING", None)]  # one line, no traceback
+    assert big.status_code == 413 and "over the limit of 300" in big.json()["error"]
+    assert unknown.status_code == 400 and unknown.json()["error"].startswith("'file': unknown field")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert other_error.json() == {"error": "why"}  # BentoML's [{"error": ...}] list unwrapped
+    assert int(other_error.headers["content-length"]) == len(other_error.content)
+    assert missing.status_code == 404 and missing.json() == {"error": "path: no such endpoint: GET /nowhere"}
+    assert bug.status_code == 500 and isinstance(bug.json()["error"], str)  # a bug: still JSON
+    for response in (ok, shed, big, unknown, wrong_method, other_error, missing, bug):
+        assert response.headers["x-content-type-options"] == "nosniff"

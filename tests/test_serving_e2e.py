@@ -139,7 +139,7 @@ def test_readyz_and_prometheus_metrics(http: httpx.Client) -> None:
     predict_works(http)
     metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    assert "# TYPE bentoml_service_request_total counter" in metrics.text
+    assert "# TYPE classifier_requests_total counter" in metrics.text  # serving.metrics: bounded labels
     assert 'endpoint="/predict"' in metrics.text and "classifier_batch_size_count" in metrics.text
 
 
@@ -236,7 +236,9 @@ def test_bentoml_build(store_home: Path) -> None:
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in info["models"]] == ["cnn-classifier:e2e"]
     sources = sorted(str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*.py"))
-    assert sources == import_closure("serving.service")  # the service's modules, nothing from training
+    # the service's modules, and pipeline.common shipped whole (bentofile.yaml): nothing from training
+    common = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pipeline" / "common").glob("*.py"))
+    assert sources == sorted(set(import_closure("serving.service")) | set(common))
     static = sorted(p.name for p in (bento / "src" / "serving" / "static").iterdir())
     assert static == ["app.js", "index.html", "style.css"]  # the web UI travels with it
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["cat", "dog", "owl"]  # conftest.SERVING_CLASSES
 LIMITS = {  # the module server's settings
     "SERVING_WORKERS": "1", "SERVING_MAX_BYTES": "2000000", "SERVING_MAX_PIXELS": "4000000",
-    "SERVING_MAX_BATCH_PIXELS": "4000000", "SERVING_BODY_TIMEOUT": "3", "SERVING_HEADER_TIMEOUT": "2",
-    "SERVING_MAX_UPLOADS": "48", "SERVING_MAX_CONCURRENCY": "8",
+    "SERVING_MAX_BATCH_PIXELS": "4000000", "SERVING_MAX_CONCURRENCY": "8",
 }
+MOVED = "moved to the front: tests/test_front.py"
 
 
 def png(width: int = 40, height: int = 30, seed: int = 0, trailer: bytes = b"") -> bytes:
@@ -259,6 +259,7 @@ def slow_upload(port: int, seconds: float, answers: list, declared: int = 5000) 
         answers.append(received.split(b"\r\n", 1)[0].decode(errors="replace"))
 
 
+@pytest.mark.skip(reason=MOVED)
 @pytest.mark.timeout(120)
 def test_f08_slow_uploaders_do_not_take_the_slots_and_get_408(server: LocalServer, http: httpx.Client) -> None:
     port = int(server.url.rsplit(":", 1)[1])
@@ -274,6 +275,7 @@ def test_f08_slow_uploaders_do_not_take_the_slots_and_get_408(server: LocalServe
     assert answers == ["HTTP/1.1 408 Request Timeout"] * 24  # after SERVING_BODY_TIMEOUT (3 s), not 20 s
 
 
+@pytest.mark.skip(reason=MOVED)
 @pytest.mark.timeout(60)
 def test_f08_slow_headers_are_cut_off(server: LocalServer) -> None:
     port = int(server.url.rsplit(":", 1)[1])
@@ -296,6 +298,7 @@ def test_f08_slow_headers_are_cut_off(server: LocalServer) -> None:
     assert elapsed < 30  # closed after the 2 s deadline, long before the 75 s the slow client wanted
 
 
+@pytest.mark.skip(reason=MOVED)
 @pytest.mark.timeout(60)
 def test_f08_requests_that_are_not_http_get_a_json_400(server: LocalServer) -> None:
     port = int(server.url.rsplit(":", 1)[1])
@@ -315,6 +318,7 @@ def test_f08_requests_that_are_not_http_get_a_json_400(server: LocalServer) -> N
 
 
 # ----------------------------------------------------------------------------- 9. overload
+@pytest.mark.skip(reason=MOVED)
 @pytest.mark.timeout(120)
 def test_f09_overload_is_503_with_retry_after_before_the_body_is_read(server: LocalServer, http: httpx.Client
                                                                         ) -> None:
@@ -352,6 +356,30 @@ def test_f09_overload_is_503_with_retry_after_before_the_body_is_read(server: Lo
     assert all(headers_ok)
 
 
+@pytest.mark.timeout(120)
+def test_f09_a_burst_over_the_concurrency_limit_gets_200_or_503_with_retry_after(server: LocalServer) -> None:
+    """A burst far over SERVING_MAX_CONCURRENCY (8): every answer is a 200 or the documented 503."""
+    statuses: list[int] = []
+    headers_ok: list[bool] = []
+
+    def burst() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for _ in range(6):
+                response = client.post("/predict", files={"image": ("a.png", PHOTO)})
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    headers_ok.append(response.headers.get("retry-after") == "1" and "overloaded" in response.text)
+
+    threads = [threading.Thread(target=burst) for _ in range(48)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(statuses) == 48 * 6 and set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert all(headers_ok) and 200 in statuses
+    print("burst of 48 x 6:", {status: statuses.count(status) for status in sorted(set(statuses))})
+
+
 # ----------------------------------------------------------------------------- 10. /metrics
 @pytest.mark.timeout(120)
 def test_f10_metrics_do_not_grow_with_unknown_paths(http: httpx.Client) -> None:
@@ -376,7 +404,7 @@ def test_f12_docs_json_declares_what_the_service_does(http: httpx.Client) -> Non
         "type": "string", "description": "what is wrong, starting with the field's name"}}
     for path in ("/predict", "/predict_batch", "/saliency"):
         responses = paths[path]["post"]["responses"]
-        assert set(responses) == {"200", "400", "408", "413", "415", "422", "503"}, path
+        assert set(responses) == {"200", "400", "413", "415", "422", "503"}, path
         assert "Retry-After" in responses["503"]["headers"]
         assert all(r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
                    for status, r in responses.items() if status != "200")
@@ -513,3 +541,127 @@ def test_f11_a_model_that_cannot_load_stops_the_server(exported_model: Path, tmp
         assert code != 0 and len(errors) == 1 and expected in errors[0], (name, code, server.log())
         assert "Traceback" not in server.log(), server.log()
     print("exit after:", {name: f"{seconds:.1f} s" for name, seconds in timings.items()})
+
+
+# ----------------------------------------------------------------------------- issue 18: the service's own findings
+def progressive_bomb(side: int = 5000, repeats: int = 3000) -> bytes:
+    """The issue's 224 KB bomb: a flat progressive 5000x5000 JPEG whose last scan is repeated 3,000 times."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")  # the last SOS marker: its scan runs to the EOI marker
+    return data[:-2] + data[last:-2] * repeats + b"\xff\xd9"
+
+
+@pytest.fixture(scope="module")
+def default_server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """The default limits (25 MP per image), two workers."""
+    running = LocalServer(tmp_path_factory.mktemp("default_home"), SERVING_MODEL=str(exported_model),
+                          SERVING_WORKERS="2")
+    running.wait_ready()
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.mark.timeout(120)
+def test_f14_progressive_jpeg_bombs_are_refused_and_others_are_served(default_server: LocalServer) -> None:
+    bomb = progressive_bomb()
+    answers: dict[str, tuple[int, str, float]] = {}
+    normal: list[int] = []
+    done = threading.Event()
+
+    def send_bomb(name: str) -> None:
+        start = time.monotonic()
+        with httpx.Client(base_url=default_server.url, timeout=120) as client:
+            response = client.post("/predict", files={"image": ("bomb.jpg", bomb)})
+        answers[name] = (response.status_code, response.json()["error"], time.monotonic() - start)
+
+    def normal_client() -> None:
+        with httpx.Client(base_url=default_server.url, timeout=120) as client:
+            while not done.is_set() or len(normal) < 5:
+                normal.append(client.post("/predict", files={"image": ("a.png", PHOTO)}).status_code)
+
+    threads = [threading.Thread(target=send_bomb, args=(name,)) for name in ("a", "b")]
+    other = threading.Thread(target=normal_client)
+    other.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(100)
+    done.set()
+    other.join(60)
+    assert len(bomb) < 250_000 and sorted(answers) == ["a", "b"]
+    for status, message, _ in answers.values():
+        assert status == 422 and message.startswith("image: too_many_scans: a 5000x5000 JPEG"), message
+    assert set(normal) == {200} and len(normal) >= 5
+    print(f"bomb of {len(bomb)} bytes, two at once:", {k: f"{v[0]} in {v[2]:.2f} s" for k, v in answers.items()},
+          f"beside them: {len(normal)} x 200")
+
+
+def in_progress(url: str, endpoint: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    match = re.search(rf'^classifier_requests_in_progress{{endpoint="{endpoint}"}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.timeout(300)
+def test_f15_the_in_progress_gauge_returns_to_zero_after_a_worker_is_killed(
+        exported_model: Path, tmp_path: Path) -> None:
+    import psutil
+
+    # No scan budget: the bomb decodes for tens of seconds, a request that is surely in progress.
+    server = LocalServer(tmp_path, SERVING_MODEL=str(exported_model), SERVING_WORKERS="2",
+                         SERVING_MAX_SCAN_PIXELS=str(10**15), SERVING_TIMEOUT="600")
+    try:
+        server.wait_ready()
+        workers = [p for p in psutil.Process(server.process.pid).children(recursive=True)
+                   if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        outcome: list[str] = []
+
+        def slow() -> None:
+            try:
+                response = httpx.post(f"{server.url}/predict", files={"image": ("bomb.jpg", progressive_bomb())},
+                                      timeout=280)
+                outcome.append(str(response.status_code))
+            except httpx.HTTPError as err:
+                outcome.append(type(err).__name__)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        for _ in range(600):  # bounded: until the request is counted
+            if in_progress(server.url, "/predict") == 1:
+                break
+            time.sleep(0.1)
+        assert in_progress(server.url, "/predict") == 1
+        before = {p.pid: sum(p.cpu_times()[:2]) for p in workers}
+        time.sleep(1.0)
+        busy = max(workers, key=lambda p: sum(p.cpu_times()[:2]) - before[p.pid])  # the one decoding
+        os.kill(busy.pid, 9)
+        thread.join(60)
+        assert outcome and outcome[0] != "200", outcome  # the client lost its answer with the worker
+        readings = []
+        for _ in range(300):  # bounded: until the dead worker's gauge is dropped
+            readings.append(in_progress(server.url, "/predict"))
+            if readings[-1] == 0:
+                break
+            time.sleep(0.2)
+        assert readings[-1] == 0, readings[-10:]
+        print(f"killed worker {busy.pid}; /predict in progress: 1 before, {readings[-1]:g} after "
+              f"{len(readings)} reading(s) of /metrics")
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_f16_media_types_are_case_insensitive_and_every_answer_is_nosniff(http: httpx.Client) -> None:
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + PHOTO + b"\r\n--b--\r\n")
+    upper = http.post("/predict", content=body, headers={"Content-Type": "MULTIPART/FORM-DATA; boundary=b"})
+    assert upper.status_code == 200, upper.text
+    answers = [upper, http.get("/docs"), http.get("/docs.json"), http.get("/nope"), http.get("/predict"),
+               http.post("/predict", files={"image": ("a.txt", b"hello")}), http.get("/metadata"),
+               http.get("/livez"), http.get("/ui/")]
+    assert [r.status_code for r in answers] == [200, 200, 200, 404, 405, 415, 200, 200, 200]
+    assert all(r.headers.get("x-content-type-options") == "nosniff" for r in answers), \
+        [(r.url.path, r.headers.get("x-content-type-options")) for r in answers]

@@ -96,7 +96,7 @@ def test_the_page_predicts_explains_and_stays_local(server: LocalServer, ui_mode
     problems: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("request", lambda request: requests.append(request.url))
         page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda error: problems.append(str(error)))
@@ -105,9 +105,19 @@ def test_the_page_predicts_explains_and_stays_local(server: LocalServer, ui_mode
         assert page.url == server.url + "/ui/"
         page.wait_for_selector("body[data-state=ready]", timeout=30_000)
         card = {field: page.text_content(f"dd[data-field='{field}']") for field in
-                ("model", "version", "test top-1", "test top-5", "MLflow run", "data md5", "classes")}
-        assert card == {"model": "cnn-classifier", "version": "7", "test top-1": "0.5000", "test top-5": "1.0000",
+                ("model", "version", "test top-1", "test top-3", "MLflow run", "data md5", "classes")}
+        assert card == {"model": "cnn-classifier", "version": "7", "test top-1": "0.5000", "test top-3": "1.0000",
                         "MLflow run": "fixture-run", "data md5": "fixture", "classes": "3: cat, dog, owl"}
+        # A 3-class model: top-3, never "top-5", in the heading and the introduction.
+        assert (page.text_content("#top-k"), page.text_content("#top-k-sub")) == ("Top-3", "top-3")
+        assert "top-5" not in page.text_content("body").lower()
+        assert_no_broken_maps(page)  # before the first answer: placeholders, no alt text
+        # At 1400 px the three panels fill the top row: its right edge is the wide panel's below it.
+        boxes = {name: page.locator(f"#{name}").bounding_box() for name in ("input", "prediction", "card", "saliency")}
+        assert boxes["input"]["y"] == boxes["prediction"]["y"] == boxes["card"]["y"]
+        right = {name: box["x"] + box["width"] for name, box in boxes.items()}
+        assert abs(right["card"] - right["saliency"]) < 2
+        page.screenshot(path=tmp_path / "0-ready-1400px.png", full_page=True)
         assert page.locator("#examples button").all_text_contents() == ["cat", "dog", "owl"]
         legend = Image.open(io.BytesIO(server_bytes(page, "colormap.png"))).convert("RGB")
         np.testing.assert_array_equal(np.asarray(legend)[0], colormap.colorize(np.linspace(0, 1, 256)))
@@ -143,8 +153,13 @@ def test_the_page_predicts_explains_and_stays_local(server: LocalServer, ui_mode
         notes.write_text("not an image")
         page.set_input_files("#file", str(notes))
         page.wait_for_selector("body[data-state=error]", timeout=30_000)
-        assert "not_an_image" in page.text_content("#status") and page.text_content("#top1") == "–"
+        status = page.text_content("#status")
+        assert status.startswith("That file is not a picture this service can read"), status
+        assert "not_an_image" not in status and "POST" not in status  # said as a person would ...
+        assert "not_an_image" in page.get_attribute("#status", "title")  # ... the service's words in the tooltip
+        assert page.text_content("#top1") == "–"
         assert page.eval_on_selector_all(".map img", "imgs => imgs.filter((i) => i.src).length") == 0  # no stale maps
+        assert_no_broken_maps(page)
         page.screenshot(path=tmp_path / "4-bad-file.png", full_page=True)
         browser.close()
 
@@ -158,6 +173,15 @@ def test_the_page_predicts_explains_and_stays_local(server: LocalServer, ui_mode
     unexpected = [p for p in problems if "status of 415" not in p]
     assert unexpected == [], unexpected  # a Content-Security-Policy violation would show here
     print(f"screenshots: {sorted(str(p) for p in tmp_path.glob('*.png'))}")
+
+
+def assert_no_broken_maps(page) -> None:
+    """Every map box without a picture shows its placeholder, and no image shows its alt text."""
+    shown = page.eval_on_selector_all(
+        ".map img", "imgs => imgs.filter((i) => !i.src && getComputedStyle(i).display !== 'none').length")
+    assert shown == 0
+    assert page.locator(".map .placeholder").count() == len(METHODS)
+    assert all(page.locator(".map .placeholder").nth(i).is_visible() for i in range(len(METHODS)))
 
 
 def server_bytes(page, path: str) -> bytes:

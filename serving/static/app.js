@@ -10,23 +10,46 @@ const METHODS = [
 const $ = (id) => document.getElementById(id);
 const state = { image: null, name: "", info: null, generation: 0, channels: 3 };
 
-function setStatus(text, isError = false) {
+function setStatus(text, isError = false, detail = "") {
   $("status").textContent = text;
+  $("status").title = detail; // the service's exact words, for whoever needs them
   $("status").classList.toggle("error", isError);
 }
 
-async function errorText(response) {
-  try {
-    const body = await response.json();
-    return body.error || JSON.stringify(body);
-  } catch {
-    return `${response.status} ${response.statusText}`;
+// What a person is told about a refused request; the service's own message stays in the tooltip.
+const PLAIN = {
+  400: "The request was not understood. Try another file.",
+  413: "That image is too large for this service. Try a smaller one.",
+  415: "That file is not a picture this service can read. Use a JPEG, PNG, GIF, BMP, WebP or TIFF image.",
+  422: "That picture could not be used: it may be damaged, or too small. Try another one.",
+  503: "The service is busy right now. Try again in a moment.",
+};
+
+class ApiError extends Error {
+  constructor(plain, detail) {
+    super(plain);
+    this.detail = detail;
   }
 }
 
+async function apiError(what, response) {
+  let detail;
+  try {
+    const body = await response.json();
+    detail = body.error || JSON.stringify(body);
+  } catch {
+    detail = `${response.status} ${response.statusText}`;
+  }
+  const plain = PLAIN[response.status] || "Something went wrong on the server. Try again.";
+  return new ApiError(plain, `${what}: ${detail}`);
+}
+
+// k of the model card's "top5" metric and of the bars: five, or every class when there are fewer.
+const topK = () => Math.min(5, state.info.classes.length);
+
 async function loadCard() {
   const response = await fetch("/metadata");
-  if (!response.ok) throw new Error(`GET /metadata: ${await errorText(response)}`);
+  if (!response.ok) throw await apiError("GET /metadata", response);
   const info = await response.json();
   state.info = info;
   state.channels = info.channels;
@@ -36,7 +59,7 @@ async function loadCard() {
   const fields = [
     ["model", info.model], ["version", info.version || "(not registered)"], ["architecture", info.architecture],
     ["input", `${info.channels}×${info.image_size}×${info.image_size}`],
-    ["test top-1", metric("top1")], ["test top-5", metric("top5")],
+    ["test top-1", metric("top1")], [`test top-${topK()}`, metric("top5")],
     ["classes", `${info.classes.length}: ${info.classes.join(", ")}`],
     ["MLflow run", info.mlflow_run_id || "–"], ["data md5", info.data_md5 || "–"],
     ["git commit", info.git_commit || "–"], ["served from", info.source],
@@ -51,6 +74,8 @@ async function loadCard() {
     dd.dataset.field = key;
     list.append(dt, dd);
   }
+  $("top-k").textContent = `Top-${topK()}`;
+  $("top-k-sub").textContent = `top-${topK()}`;
   const select = $("target");
   info.classes.forEach((name, index) => select.append(new Option(`${index}: ${name}`, String(index))));
 }
@@ -118,8 +143,6 @@ function showBars(predictions) {
     bars.append(li);
   }
   $("top1").textContent = predictions[0].label;
-  const classes = state.info.classes.length;
-  $("top-k").textContent = classes <= 5 ? `Top-${classes} (every class)` : "Top-5";
 }
 
 function clearMaps() {
@@ -148,7 +171,10 @@ function buildMapPanels() {
     overlay.className = "overlay";
     overlay.alt = `${title} map`;
     overlay.style.opacity = $("opacity").value;
-    stack.append(base, overlay);
+    const empty = document.createElement("span");
+    empty.className = "placeholder";
+    empty.textContent = "the map appears here";
+    stack.append(empty, base, overlay);
     const caption = document.createElement("figcaption");
     const strong = document.createElement("strong");
     strong.textContent = title;
@@ -170,7 +196,7 @@ async function loadMaps(generation) {
     const fields = { method, format: "png" };
     if (target !== "") fields.target = target;
     const response = await fetch("/saliency", { method: "POST", body: form(fields) });
-    if (!response.ok) throw new Error(`POST /saliency (${method}): ${await errorText(response)}`);
+    if (!response.ok) throw await apiError(`POST /saliency (${method})`, response);
     if (generation !== state.generation) return; // a newer image or target replaced this one
     const url = URL.createObjectURL(await response.blob());
     await new Promise((resolve, reject) => {
@@ -188,8 +214,8 @@ async function run() {
   clearMaps();
   setStatus("Asking the model…");
   try {
-    const response = await fetch("/predict", { method: "POST", body: form({ k: "5" }) });
-    if (!response.ok) throw new Error(`POST /predict: ${await errorText(response)}`);
+    const response = await fetch("/predict", { method: "POST", body: form({ k: String(topK()) }) });
+    if (!response.ok) throw await apiError("POST /predict", response);
     const body = await response.json();
     if (generation !== state.generation) return;
     showBars(body.predictions);
@@ -203,7 +229,7 @@ async function run() {
     $("top1").textContent = "–";
     $("bars").replaceChildren();
     clearMaps();
-    setStatus(err.message, true);
+    setStatus(err.message, true, err.detail || "");
     document.body.dataset.state = "error";
   }
 }
@@ -241,7 +267,7 @@ async function start() {
     setStatus("Ready: upload an image or pick an example.");
     document.body.dataset.state = "ready";
   } catch (err) {
-    setStatus(err.message, true);
+    setStatus(err.message, true, err.detail || "");
     document.body.dataset.state = "error";
   }
 }
