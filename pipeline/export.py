@@ -52,15 +52,15 @@ def export_files(model: torch.nn.Module, card: ModelCard, folder: Path, opset: i
 
     Returns the card as written to ``folder/model_card.json``.
     """
-    size = card.image_size
-    example = torch.randint(0, 256, (2, card.channels, size, size), dtype=torch.uint8)
-    graph_model = fold_adaptive_pool(model, size)  # the size is fixed from here on
+    image_size = card.image_size
+    example = torch.randint(0, 256, (2, card.channels, image_size, image_size), dtype=torch.uint8)
+    graph_model = fold_adaptive_pool(model, image_size)  # the input size is fixed from here on
     props = card.onnx_props()
     log.info("exporting %s", CLASSIFIER_FILE)
     export_onnx(ClassifierGraph(graph_model, card.mean, card.std), folder / CLASSIFIER_FILE, (example,),
                 ["image"], ["logits", "probabilities"], props, opset)
     log.info("exporting %s", SALIENCY_FILE)
-    export_onnx(SaliencyGraph(graph_model, card.mean, card.std, size), folder / SALIENCY_FILE,
+    export_onnx(SaliencyGraph(graph_model, card.mean, card.std, image_size), folder / SALIENCY_FILE,
                 (example, torch.tensor([-1, 0])), ["image", "target"],
                 ["logits", "gradient", "guided", "gradcam"], props, opset)
     card = card.model_copy(update={"files": {name: sha256_file(folder / name)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common.colormap import colorize
-from pipeline.common.images import Source, crop_resize, decode, to_array
+from pipeline.common.images import EncodedImage, crop_resize, decode, to_array
 
 MAX_SIDE = 512  # longest side of a PNG answer; smaller uploads keep their own size
 STRENGTH = 0.7  # blend weight of the hottest pixels (cold ones show the image)
@@ -51,7 +51,7 @@ def display_side(short_side: int, model_size: int, max_side: int = MAX_SIDE) -> 
     return max(model_size, min(short_side, max_side))
 
 
-def upload_square(source: Source, channels: int, model_size: int, max_pixels: int,
+def upload_square(source: EncodedImage, channels: int, model_size: int, max_pixels: int,
                   max_side: int = MAX_SIDE) -> np.ndarray:
     """The upload as preprocessing crops it (oriented, ``channels``, centre square), C×S×S uint8 with
     S = :func:`display_side`: :func:`pipeline.common.images.preprocess` without the resize to the model's size."""
@@ -67,7 +67,7 @@ def resample_heat(heat: np.ndarray, side: int) -> np.ndarray:
     return np.clip(np.asarray(image.resize((side, side), Image.Resampling.BILINEAR)), 0, 1)
 
 
-def saliency_png(source: Source, heat: np.ndarray, channels: int, max_pixels: int,
+def saliency_png(source: EncodedImage, heat: np.ndarray, channels: int, max_pixels: int,
                  max_side: int = MAX_SIDE) -> bytes:
     """The PNG answer: ``heat`` (the model-resolution map in [0, 1]) over the upload's centre square."""
     square = upload_square(source, channels, heat.shape[0], max_pixels, max_side)

@@ -114,7 +114,7 @@ def test_write_json_is_atomic_and_leaves_no_temp_file(tmp_path: Path):
 @pytest.mark.parametrize(("yaml_text", "message"), [
     ("train:\n  lr: true\n", "train.lr: Input should be a valid number (got True)"),
     ("train:\n  learning_rate: 1\n", "train.learning_rate: unknown key"),
-    ("preprocess:\n  size: 4\n", "preprocess.size: Input should be greater than or equal to 8"),
+    ("preprocess:\n  image_size: 4\n", "preprocess.image_size: Input should be greater than or equal to 8"),
     ("train:\n  device: tpu\n", "train.device: 'tpu' is not one of"),
     ("train: [1, 2]\n", "train: Input should be a valid dictionary"),
     ("train:\n  lr: [\n", "not valid YAML"),

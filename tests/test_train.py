@@ -44,7 +44,7 @@ def tiny_data(tmp_path_factory) -> Path:
         (root / "data" / f"c{label}").mkdir(parents=True)
         for i in range(40):
             Image.fromarray(pattern_image(label, rng)).save(root / "data" / f"c{label}" / f"{i}.png")
-    preprocess_folder(root / "data", root / "pre", PreprocessParams(size=32, val_fraction=0.2,
+    preprocess_folder(root / "data", root / "pre", PreprocessParams(image_size=32, val_fraction=0.2,
                                                                      test_fraction=0.2, workers=1), seed=0)
     return root / "pre"
 
@@ -87,7 +87,7 @@ def test_mlflow_run_records_params_metrics_tags(tiny_data, tmp_path, mlflow_stor
     assert run.info.status == "FINISHED"
     assert run.data.params["train.model"] == "lenet5"
     assert run.data.params["train.epochs"] == "3"
-    assert run.data.params["preprocess.size"] == "224"  # every param, flattened
+    assert run.data.params["preprocess.image_size"] == "224"  # every param, flattened
     for key in ("git_commit", "git_dirty", "data_md5", "model", "device", "torch_version"):
         assert key in run.data.tags
     assert run.data.tags["model"] == "lenet5"

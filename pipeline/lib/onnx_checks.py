@@ -54,7 +54,7 @@ def check_parity(path: str | Path, images: np.ndarray, reference_logits: np.ndar
     return float(np.abs(logits - reference_logits).max())
 
 
-def degenerate_inputs(channels: int, size: int) -> dict[str, np.ndarray]:
+def degenerate_inputs(channels: int, image_size: int) -> dict[str, np.ndarray]:
     """The images where saliency maps tend to vanish, plus one ordinary image.
 
     Uniform images have no edges: activations are flat, whole ReLU/Tanh layers die or saturate
@@ -63,12 +63,12 @@ def degenerate_inputs(channels: int, size: int) -> dict[str, np.ndarray]:
 
     Args:
         channels: image channels (1 or 3).
-        size: square image side in pixels.
+        image_size: square image side in pixels.
 
     Returns:
-        name → uint8 batch (1, channels, size, size): ``black``, ``white``, ``grey``, ``noise``.
+        name → uint8 batch (1, channels, image_size, image_size): ``black``, ``white``, ``grey``, ``noise``.
     """
-    shape = (1, channels, size, size)
+    shape = (1, channels, image_size, image_size)
     return {
         "black": np.zeros(shape, np.uint8),
         "white": np.full(shape, 255, np.uint8),
@@ -77,7 +77,7 @@ def degenerate_inputs(channels: int, size: int) -> dict[str, np.ndarray]:
     }
 
 
-def check_saliency_finite(path: str | Path, num_classes: int, channels: int, size: int) -> None:
+def check_saliency_finite(path: str | Path, num_classes: int, channels: int, image_size: int) -> None:
     """Run ``saliency.onnx`` on every :func:`degenerate_inputs` image for every target (each
     class and −1, the predicted one) and require every output to be finite.
 
@@ -90,7 +90,7 @@ def check_saliency_finite(path: str | Path, num_classes: int, channels: int, siz
         num_classes: K, the number of logits; targets 0..K−1 (an even spread of
             :data:`MAX_TARGETS` when K is larger) and −1 are tried.
         channels: image channels the graph takes.
-        size: square image side the graph was built for.
+        image_size: square image side the graph was built for.
 
     Raises:
         ValueError: naming the first image, target and output that are not finite.
@@ -98,7 +98,7 @@ def check_saliency_finite(path: str | Path, num_classes: int, channels: int, siz
     session = cpu_session(path)
     classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, MAX_TARGETS)).round().astype(np.int64))
     targets = np.array([*classes.tolist(), -1], dtype=np.int64)
-    for name, image in degenerate_inputs(channels, size).items():
+    for name, image in degenerate_inputs(channels, image_size).items():
         for start in range(0, len(targets), CHUNK):
             chunk = targets[start:start + CHUNK]
             feeds = {"image": np.repeat(image, len(chunk), axis=0), "target": chunk}
