@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +35,19 @@ class _Record(BaseModel):
     def plain(self) -> dict:
         """JSON-ready, file names of fields (aliases), in field order."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+class _MetricsFile(_Record):
+    """A ``metrics/*.json`` file: one JSON object."""
+
+    _missing_hint: ClassVar[str] = ""  # what to run when the file is missing
+
+    @classmethod
+    def read(cls, path: str | Path) -> Self:
+        return read_json(cls, Path(path), cls._missing_hint)
+
+    def write(self, path: str | Path) -> Path:
+        return write_json(path, self.plain())
 
 
 def write_rows(path: str | Path, rows: Sequence[_Record]) -> Path:
@@ -72,15 +86,10 @@ class CurvePoint(_Record):
     lr: float
 
 
-class EpochRecord(_Record):
+class EpochRecord(EpochStats):
     """One epoch of a training run: its MLflow metrics and a row of the checkpoint's history."""
 
     epoch: int
-    train_loss: float
-    train_accuracy: float
-    images_per_s: float
-    data_wait: float
-    epoch_seconds: float
     val_loss: float
     val_top1: float
     val_top5: float
@@ -121,6 +130,8 @@ class BestEpoch(_Record):
 
 
 class FinalScores(_Record):
+    """The last epoch's numbers in ``metrics/train.json``."""
+
     train_loss: float
     train_accuracy: float
     val_loss: float
@@ -128,10 +139,11 @@ class FinalScores(_Record):
     val_top5: float
 
 
-class TrainMetrics(_Record):
+class TrainMetrics(_MetricsFile):
     """``metrics/train.json``: only deterministic numbers, rounded, so the same params and data
     reproduce it byte for byte on another CPU too."""
 
+    _missing_hint: ClassVar[str] = "run the train stage first (dvc repro train)"
     final: FinalScores
     best: BestEpoch
     epochs: int
@@ -142,30 +154,17 @@ class TrainMetrics(_Record):
         final = FinalScores(**{key: round_metric(getattr(last, key)) for key in FinalScores.model_fields})
         return cls(final=final, best=best.rounded(), epochs=len(history))
 
-    @classmethod
-    def read(cls, path: str | Path) -> TrainMetrics:
-        return read_json(cls, Path(path), "run the train stage first (dvc repro train)")
-
-    def write(self, path: str | Path) -> Path:
-        return write_json(path, self.plain())
-
 
 # ----------------------------------------------------------------------------- test split
-class EvalMetrics(_Record):
+class EvalMetrics(_MetricsFile):
     """``metrics/eval.json``: the test split's summary; export copies top1/top5 into the model card."""
 
+    _missing_hint: ClassVar[str] = "run the evaluate stage first (dvc repro evaluate)"
     top1: float
     top5: float
     top5_k: int = Field(ge=1)  # k of "top5": min(5, classes)
     loss: float
     samples: int = Field(ge=0)
-
-    @classmethod
-    def read(cls, path: str | Path) -> EvalMetrics:
-        return read_json(cls, Path(path), "run the evaluate stage first (dvc repro evaluate)")
-
-    def write(self, path: str | Path) -> Path:
-        return write_json(path, self.plain())
 
     def card_metrics(self) -> dict[str, float]:
         """What the model card and the registered version carry (``compare`` ranks by top1)."""
@@ -188,14 +187,10 @@ class Prediction(_Record):
     predicted: str
 
 
-class EvalReport(_Record):
-    """Everything evaluate computes on the test split (the MLflow run's ``eval/metrics.json``)."""
+class EvalReport(EvalMetrics):
+    """Everything evaluate computes on the test split, at full precision (the MLflow run's
+    ``eval/metrics.json``)."""
 
-    top1: float
-    top5: float
-    top5_k: int
-    loss: float
-    samples: int
     per_class: list[ClassScores]
     confusion: list[list[int]]  # rows actual, columns predicted, class order
 
