@@ -55,8 +55,8 @@ def measure(amp: bool, steps: int, batch_size: int, compile_model: bool, device:
                             progress=False)
     if cuda:
         torch.cuda.synchronize()
-    return {"images_per_s": stats["images_per_s"], "data_wait": stats["data_wait"], "loss": stats["train_loss"],
-            "tflops": stats["images_per_s"] * GMAC_PER_IMAGE * 2 * 3 / 1e3,
+    return {"images_per_s": stats.images_per_s, "data_wait": stats.data_wait, "loss": stats.train_loss,
+            "tflops": stats.images_per_s * GMAC_PER_IMAGE * 2 * 3 / 1e3,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
 
 

@@ -118,7 +118,7 @@ def best_of(repeat: int, fn: Callable[..., T], *args: object) -> tuple[T, float,
 
 
 def run_stage(data: Path, out: Path, size: int) -> dict:
-    params = PreprocessParams(size=size, channels=3, val_fraction=0.1, test_fraction=0.1, workers=0)
+    params = PreprocessParams(image_size=size, channels=3, val_fraction=0.1, test_fraction=0.1, workers=0)
     return preprocess_folder(data, out, params, seed=0)
 
 
@@ -183,7 +183,7 @@ def incremental(count: int, size: int) -> None:
     """Full run, +1% files with the cache, and the same +1% folder from scratch (the baseline)."""
     extra = max(1, count // 100)
     files = build_strokes(STROKES, count + extra)
-    params = PreprocessParams(size=size, channels="auto", val_fraction=0.1, test_fraction=0.1, workers=0)
+    params = PreprocessParams(image_size=size, channels="auto", val_fraction=0.1, test_fraction=0.1, workers=0)
     with tempfile.TemporaryDirectory(dir=STROKES.parent) as tmp:
         data, cache = Path(tmp) / "data", Path(tmp) / "cache"
         place(files[:count], data)

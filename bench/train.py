@@ -142,7 +142,7 @@ def run_pacer(setting: int | str, pre: Path, batch_size: int, steps: int) -> tup
                                 progress=False, on_step=pacer.step_done)
     finally:
         pacing_log.removeHandler(warnings)
-    return stats["images_per_s"], warnings.count > 0
+    return stats.images_per_s, warnings.count > 0
 
 
 def contention_table(folder: Path, batch_size: int, steps: int, repeats: int) -> None:
@@ -154,7 +154,7 @@ def contention_table(folder: Path, batch_size: int, steps: int, repeats: int) ->
     results: dict[str, dict[str, tuple[float, bool]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre"
-        preprocess_folder(folder, pre, PreprocessParams(size=32, val_fraction=0.1, test_fraction=0.1), seed=0)
+        preprocess_folder(folder, pre, PreprocessParams(image_size=32, val_fraction=0.1, test_fraction=0.1), seed=0)
         for setting in (1, usable):
             run_pacer(setting, pre, batch_size, 5)  # warm-up: oneDNN kernels for both counts
         for condition in ("quiet", "1 busy competitor"):
@@ -206,7 +206,7 @@ def input_table(args: argparse.Namespace) -> None:
     print(f"{'model':8} {'size':>4} | {'ours img/s':>10} {'wait':>6} | {'baseline img/s':>14} {'wait':>6} | ratio")
     for name, size in cases:
         with tempfile.TemporaryDirectory() as tmp:
-            preprocess_folder(folder, Path(tmp) / "pre", PreprocessParams(size=size, val_fraction=0.1,
+            preprocess_folder(folder, Path(tmp) / "pre", PreprocessParams(image_size=size, val_fraction=0.1,
                                                                           test_fraction=0.1), seed=0)
             steps = args.steps if name == "lenet5" else max(3, args.steps // 6)
             run_ours(name, Path(tmp) / "pre", size, args.batch_size, 2)  # warm-up (oneDNN kernels)

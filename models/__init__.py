@@ -1,4 +1,4 @@
-"""Model definitions, the name → constructor registry and the ONNX saliency graph.
+"""Model definitions, the name → constructor table (zoo), the export graphs and the saliency graph.
 
 Imports torch only, never ``pipeline`` or ``serving``.
 """

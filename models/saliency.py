@@ -197,45 +197,52 @@ class SaliencyGraph(nn.Module):
         floor = torch.tensor([0.0 if p == "guided" else -torch.inf for p in passes], dtype=seed.dtype,
                              device=seed.device)
         for i in reversed(range(len(self.layers))):
-            layer, x, y = self.layers[i], outs[i], outs[i + 1]
             if i == self.cam_index and "gradcam" in self.methods:
                 cam_grad = g if len(passes) == 1 else g.unflatten(0, (len(passes), -1))[0]
                 if "gradient" not in self.methods:  # the plain pass is done
                     if passes == ["gradient"]:
                         return {}, cam_grad
                     g, passes, floor = g.unflatten(0, (2, -1))[1], ["guided"], floor[1:]
-            if isinstance(layer, nn.Linear):
-                g = g @ layer.weight
-            elif isinstance(layer, (nn.ReLU, nn.Tanh)):
-                slope = (y > 0).to(y.dtype) if isinstance(layer, nn.ReLU) else 1 - y * y
-                if passes == ["gradient"]:
-                    g = g * slope
-                elif passes == ["guided"]:
-                    g = (g * slope).clamp(min=0)
-                else:
-                    rows = g.unflatten(0, (2, -1))  # (2, N, ...): the slope broadcasts over passes
-                    g = torch.maximum(rows * slope, floor.view(2, *[1] * y.dim())).flatten(0, 1)
-            elif isinstance(layer, nn.Conv2d):
-                g = _conv_input_grad(g, layer, self.output_padding[i])
-            elif i in self.tiling_pools:
-                g = _unpool_tiles(g, x, y, _pair(layer.kernel_size), len(passes))
-            elif isinstance(layer, nn.MaxPool2d):
-                # Each output's gradient goes to the input pixel it came from (per-plane index).
-                index = indices[i].flatten(2).repeat(len(passes), 1, 1)  # (P*N, C, ho*wo)
-                zeros = torch.zeros_like(x).flatten(2).repeat(len(passes), 1, 1)  # (P*N, C, H*W)
-                g = zeros.scatter_add(2, index, g.flatten(2)).reshape(-1, *x.shape[1:])
-            elif isinstance(layer, nn.AdaptiveAvgPool2d):
-                g = (g.flatten(2) @ getattr(self, f"pool{i}")).reshape(-1, *x.shape[1:])
-            elif isinstance(layer, nn.BatchNorm2d):
-                scale = torch.rsqrt(layer.running_var + layer.eps)  # eval: y = (x - mean) * scale * w + b
-                if layer.weight is not None:
-                    scale = scale * layer.weight
-                g = g * scale.view(1, -1, 1, 1)
-            elif isinstance(layer, nn.Flatten):
-                g = g.reshape(-1, *x.shape[1:])
-            # Dropout (eval) and Identity pass g through unchanged.
+            g = self._layer_input_grad(i, g, passes, floor, outs, indices)
         grads = g.unflatten(0, (len(passes), -1))
         return {p: grads[k] for k, p in enumerate(passes)}, cam_grad
+
+    def _layer_input_grad(self, i: int, g: torch.Tensor, passes: list[str], floor: torch.Tensor,
+                          outs: list[torch.Tensor], indices: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Layer ``i``'s rule (the table in the module docstring): the gradient w.r.t. its input,
+        given ``g`` w.r.t. its output, for the stacked ``passes``."""
+        layer, x, y = self.layers[i], outs[i], outs[i + 1]
+        if isinstance(layer, nn.Linear):
+            g = g @ layer.weight
+        elif isinstance(layer, (nn.ReLU, nn.Tanh)):
+            slope = (y > 0).to(y.dtype) if isinstance(layer, nn.ReLU) else 1 - y * y
+            if passes == ["gradient"]:
+                g = g * slope
+            elif passes == ["guided"]:
+                g = (g * slope).clamp(min=0)
+            else:
+                rows = g.unflatten(0, (2, -1))  # (2, N, ...): the slope broadcasts over passes
+                g = torch.maximum(rows * slope, floor.view(2, *[1] * y.dim())).flatten(0, 1)
+        elif isinstance(layer, nn.Conv2d):
+            g = _conv_input_grad(g, layer, self.output_padding[i])
+        elif i in self.tiling_pools:
+            g = _unpool_tiles(g, x, y, _pair(layer.kernel_size), len(passes))
+        elif isinstance(layer, nn.MaxPool2d):
+            # Each output's gradient goes to the input pixel it came from (per-plane index).
+            index = indices[i].flatten(2).repeat(len(passes), 1, 1)  # (P*N, C, ho*wo)
+            zeros = torch.zeros_like(x).flatten(2).repeat(len(passes), 1, 1)  # (P*N, C, H*W)
+            g = zeros.scatter_add(2, index, g.flatten(2)).reshape(-1, *x.shape[1:])
+        elif isinstance(layer, nn.AdaptiveAvgPool2d):
+            g = (g.flatten(2) @ getattr(self, f"pool{i}")).reshape(-1, *x.shape[1:])
+        elif isinstance(layer, nn.BatchNorm2d):
+            scale = torch.rsqrt(layer.running_var + layer.eps)  # eval: y = (x - mean) * scale * w + b
+            if layer.weight is not None:
+                scale = scale * layer.weight
+            g = g * scale.view(1, -1, 1, 1)
+        elif isinstance(layer, nn.Flatten):
+            g = g.reshape(-1, *x.shape[1:])
+        # Dropout (eval) and Identity pass g through unchanged.
+        return g
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Model registry (name → constructor) and loading of torchvision-format initial weights."""
+"""The model zoo (name → constructor) and loading of torchvision-format initial weights."""
 
 from __future__ import annotations
 
@@ -77,24 +77,45 @@ def load_init_weights(model: nn.Module, path: str | Path, in_channels: int) -> l
     if isinstance(state.get("model"), dict):
         state = state["model"]
     state = dict(state)
-    adapted: list[str] = []
+    adapted = _adapt_first_conv(model, state, in_channels)
+    own = model.state_dict()
+    head_keys, head_note = _drop_new_head(model, state, own)
+    adapted += head_note
+    _check_fit(model, path, state, own, head_keys)
+    model.load_state_dict(state, strict=False)
+    return adapted
 
+
+def _adapt_first_conv(model: nn.Module, state: dict[str, torch.Tensor], in_channels: int) -> list[str]:
+    """An RGB first conv for a 1-channel model: summed over its input channels, in ``state``."""
     key = f"{_names(model, nn.Conv2d)[0]}.weight"
     if key in state and state[key].shape[1] == 3 and in_channels == 1:
         state[key] = state[key].sum(dim=1, keepdim=True)
-        adapted.append(f"{key}: summed 3 input channels into 1")
+        return [f"{key}: summed 3 input channels into 1"]
+    return []
 
-    own = model.state_dict()
+
+def _drop_new_head(model: nn.Module, state: dict[str, torch.Tensor],
+                   own: dict[str, torch.Tensor]) -> tuple[set[str], list[str]]:
+    """Drop the last Linear from ``state`` when its shape differs (another number of classes).
+
+    Returns:
+        The head's keys (allowed to be missing) and the note saying so; empty when the head loads.
+    """
     head_name = _names(model, nn.Linear)[-1]
-    head_keys = {f"{head_name}.weight", f"{head_name}.bias"}
     hw = f"{head_name}.weight"
-    if hw in state and state[hw].shape != own[hw].shape:
-        adapted.append(f"{head_name}: new {own[hw].shape[0]}-class head (checkpoint: {state[hw].shape[0]})")
-        for k in head_keys:
-            state.pop(k, None)
-    else:
-        head_keys = set()  # the head is loaded like everything else, so it must be there
+    if hw not in state or state[hw].shape == own[hw].shape:
+        return set(), []  # the head is loaded like everything else, so it must be there
+    note = f"{head_name}: new {own[hw].shape[0]}-class head (checkpoint: {state[hw].shape[0]})"
+    head_keys = {hw, f"{head_name}.bias"}
+    for k in head_keys:
+        state.pop(k, None)
+    return head_keys, [note]
 
+
+def _check_fit(model: nn.Module, path: Path, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+               head_keys: set[str]) -> None:
+    """Every weight but the head's present, none unexpected, every shape equal."""
     missing = sorted(set(own) - set(state) - head_keys)
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(
@@ -107,5 +128,3 @@ def load_init_weights(model: nn.Module, path: str | Path, in_channels: int) -> l
             f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}"
         )
-    model.load_state_dict(state, strict=False)
-    return adapted

@@ -20,19 +20,19 @@ import torch
 from models.saliency import SaliencyGraph
 from pipeline.common import colormap
 from pipeline.common.contract import ModelCard
-from pipeline.common.cpus import usable_cpus
+from pipeline.common.cpus import torch_threads
 from pipeline.common.errors import UserError, run_command, setup_logging
-from pipeline.common.files import write_json
+from pipeline.common.metrics import ClassScores, EvalMetrics, EvalReport, Prediction, round_metric, write_rows
 from pipeline.lib import tracking
 from pipeline.lib.config import load_params
-from pipeline.lib.engine import predict_logits, round_metric
+from pipeline.lib.engine import predict_logits
 from pipeline.lib.loader import load_split
 from pipeline.lib.trained import load_trained
 
 log = logging.getLogger(__name__)
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> EvalReport:
     """Top-1, top-k (k = min(5, classes)), loss, per-class precision/recall, confusion matrix."""
     k = min(5, len(classes))
     shifted = logits - logits.max(1, keepdims=True)
@@ -44,16 +44,13 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
     tp = np.diag(confusion).astype(float)
     precision = np.divide(tp, confusion.sum(0), out=np.zeros_like(tp), where=confusion.sum(0) > 0)
     recall = np.divide(tp, confusion.sum(1), out=np.zeros_like(tp), where=confusion.sum(1) > 0)
-    return {
-        "top1": float((predicted == labels).mean()),
-        "top5": float((ranked == labels[:, None]).any(1).mean()),
-        "top5_k": k,
-        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
-        "samples": int(len(labels)),
-        "per_class": {name: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
-                             "support": int(confusion[i].sum())} for i, name in enumerate(classes)},
-        "confusion": confusion.tolist(),
-    }
+    return EvalReport(
+        top1=float((predicted == labels).mean()), top5=float((ranked == labels[:, None]).any(1).mean()), top5_k=k,
+        loss=float(-log_probs[np.arange(len(labels)), labels].mean()), samples=int(len(labels)),
+        per_class=[ClassScores(class_name=name, precision=round_metric(precision[i]), recall=round_metric(recall[i]),
+                               support=int(confusion[i].sum())) for i, name in enumerate(classes)],
+        confusion=confusion.tolist(),
+    )
 
 
 def _plt():
@@ -151,45 +148,40 @@ def plot_saliency(model: torch.nn.Module, card: ModelCard, images: np.ndarray, l
 
 def evaluate_stage(data_dir: Path, model_path: Path, run_id_path: Path, metrics_path: Path,
                    plots_dir: Path, figures_dir: Path, experiment: str, batch_size: int,
-                   saliency_per_class: int) -> dict:
+                   saliency_per_class: int) -> EvalMetrics:
     """The whole stage; returns the metrics written to ``metrics_path``."""
     import mlflow
 
-    torch.set_num_threads(usable_cpus())  # torch's default counts the machine's cores
+    torch.set_num_threads(torch_threads())
     model, card = load_trained(model_path)
     classes = card.classes
     images, labels = load_split(data_dir, "test")
     if len(labels) == 0:
         raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
     logits = predict_logits(model, images, card.mean, card.std, batch_size)
-    result = classification_metrics(logits, labels, classes)
-    k = result["top5_k"]
-    if k < 5:
-        log.warning("only %d classes: top5 is top-%d accuracy", len(classes), k)
-    log.info("test: top-1 %.4f  top-%d %.4f  loss %.4f  (%d images)", result["top1"], k, result["top5"],
-             result["loss"], result["samples"])
+    report = classification_metrics(logits, labels, classes)
+    if report.top5_k < 5:
+        log.warning("only %d classes: top5 is top-%d accuracy", len(classes), report.top5_k)
+    log.info("test: top-1 %.4f  top-%d %.4f  loss %.4f  (%d images)", report.top1, report.top5_k, report.top5,
+             report.loss, report.samples)
 
-    # 4 decimals (round_metric) also in MLflow's test_* metrics: they and the registered version's
-    # tags are the same value as metrics/eval.json; eval/metrics.json in MLflow keeps full precision.
-    # Per-class rows go to plots/ and MLflow, not metrics/: `dvc exp show` gets a column per
-    # metric, which with 3 per class buries top-1/top-5 (3,000 columns for ImageNet).
-    summary = {key: round_metric(result[key]) if isinstance(result[key], float) else result[key]
-               for key in ("top1", "top5", "top5_k", "loss", "samples")}
-    write_json(metrics_path, summary)
-    predicted = logits.argmax(1)
-    write_json(plots_dir / "confusion.json",
-               [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels, predicted, strict=True)])
-    write_json(plots_dir / "per_class.json", [{"class": name, **row} for name, row in result["per_class"].items()])
+    # 4 decimals also in MLflow's test_* metrics: they and the registered version's tags are the
+    # same value as metrics/eval.json; eval/metrics.json in MLflow keeps full precision.
+    summary = report.summary()
+    summary.write(metrics_path)
+    write_rows(plots_dir / "confusion.json", [Prediction(actual=classes[a], predicted=classes[p])
+                                              for a, p in zip(labels, logits.argmax(1), strict=True)])
+    write_rows(plots_dir / "per_class.json", report.per_class)
 
     figures_dir.mkdir(parents=True, exist_ok=True)
-    plot_confusion(np.asarray(result["confusion"]), classes, figures_dir / "confusion_matrix.png")
+    plot_confusion(np.asarray(report.confusion), classes, figures_dir / "confusion_matrix.png")
     plot_mistakes(images, labels, logits, classes, figures_dir / "confident_mistakes.png")
     plot_saliency(model, card, images, labels, figures_dir / "saliency.png", saliency_per_class)
 
     with tracking.run(experiment, run_id=tracking.read_run_id(run_id_path)):
-        tracking.with_retry(lambda: mlflow.log_metrics({f"test_{key}": float(summary[key])
-                                                        for key in ("top1", "top5", "loss")}))
-        tracking.with_retry(lambda: mlflow.log_dict(result, "eval/metrics.json"))
+        tracking.with_retry(lambda: mlflow.log_metrics({"test_top1": summary.top1, "test_top5": summary.top5,
+                                                        "test_loss": summary.loss}))
+        tracking.with_retry(lambda: mlflow.log_dict(report.plain(), "eval/metrics.json"))
         tracking.with_retry(lambda: mlflow.log_artifacts(str(figures_dir), "eval"))
     return summary
 

@@ -12,7 +12,6 @@ noise, every target). The registered model version is the whole folder (see
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,24 +22,29 @@ import torch
 
 from models.graphs import ClassifierGraph, fold_adaptive_pool
 from models.saliency import SaliencyGraph
-from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ModelCard, sha256_file
-from pipeline.common.cpus import usable_cpus
+from pipeline.common.contract import (
+    CARD_FILE,
+    CLASSIFIER_FILE,
+    EXAMPLES_FILE,
+    SALIENCY_FILE,
+    ContractError,
+    ModelCard,
+    sha256_file,
+)
+from pipeline.common.cpus import torch_threads
 from pipeline.common.errors import run_command, setup_logging
 from pipeline.common.files import replace_dir
+from pipeline.common.metrics import EvalMetrics
 from pipeline.lib import model_registry as registry
 from pipeline.lib import tracking
 from pipeline.lib.config import load_params
 from pipeline.lib.engine import predict_logits
 from pipeline.lib.loader import load_split
-from pipeline.lib.onnx_checks import check_saliency_finite
+from pipeline.lib.onnx_checks import ExportCheckFailed, check_parity, check_saliency_finite
 from pipeline.lib.onnx_export import export_onnx
 from pipeline.lib.trained import load_trained
 
 log = logging.getLogger(__name__)
-
-
-class ExportCheckFailed(RuntimeError):
-    """The exported graphs do not behave like the trained model; nothing was registered."""
 
 
 def export_files(model: torch.nn.Module, card: ModelCard, folder: Path, opset: int = 18) -> ModelCard:
@@ -48,15 +52,15 @@ def export_files(model: torch.nn.Module, card: ModelCard, folder: Path, opset: i
 
     Returns the card as written to ``folder/model_card.json``.
     """
-    size = card.image_size
-    example = torch.randint(0, 256, (2, card.channels, size, size), dtype=torch.uint8)
-    graph_model = fold_adaptive_pool(model, size)  # the size is fixed from here on
+    image_size = card.image_size
+    example = torch.randint(0, 256, (2, card.channels, image_size, image_size), dtype=torch.uint8)
+    graph_model = fold_adaptive_pool(model, image_size)  # the input size is fixed from here on
     props = card.onnx_props()
     log.info("exporting %s", CLASSIFIER_FILE)
     export_onnx(ClassifierGraph(graph_model, card.mean, card.std), folder / CLASSIFIER_FILE, (example,),
                 ["image"], ["logits", "probabilities"], props, opset)
     log.info("exporting %s", SALIENCY_FILE)
-    export_onnx(SaliencyGraph(graph_model, card.mean, card.std, size), folder / SALIENCY_FILE,
+    export_onnx(SaliencyGraph(graph_model, card.mean, card.std, image_size), folder / SALIENCY_FILE,
                 (example, torch.tensor([-1, 0])), ["image", "target"],
                 ["logits", "gradient", "guided", "gradcam"], props, opset)
     card = card.model_copy(update={"files": {name: sha256_file(folder / name)
@@ -80,37 +84,30 @@ def write_examples(folder: Path, images: np.ndarray, labels: np.ndarray, limit: 
     return len(picks)
 
 
-def check_parity(path: Path, model: torch.nn.Module, card: ModelCard, images: np.ndarray) -> dict[str, float]:
-    """Run ``classifier.onnx`` and PyTorch on the same images; top-1 must agree on every one."""
-    session = registry.cpu_session(path)
-    onnx_logits = np.concatenate([session.run(["logits"], {"image": np.ascontiguousarray(images[i:i + 64])})[0]
-                                  for i in range(0, len(images), 64)])
-    torch_logits = predict_logits(model, images, card.mean, card.std)
-    disagree = int((onnx_logits.argmax(1) != torch_logits.argmax(1)).sum())
-    max_diff = float(np.abs(onnx_logits - torch_logits).max())
-    if disagree:
-        raise ExportCheckFailed(f"{path}: ONNX Runtime and PyTorch disagree on {disagree} of {len(images)} "
-                                "test images; nothing was registered")
-    return {"images": len(images), "max_abs_logit_diff": max_diff}
+def read_test_metrics(path: Path) -> EvalMetrics:
+    """The evaluate stage's ``metrics/eval.json``: a version is never registered without it (``compare``
+    ranks versions by its top-1, and ``promote`` refuses a version it cannot rank)."""
+    try:
+        return EvalMetrics.read(path)
+    except ContractError as err:
+        raise ContractError(f"{err}; no version is registered without test metrics") from None
 
 
 def export_stage(model_path: Path, data_dir: Path, run_id_path: Path, eval_metrics_path: Path, out_dir: Path,
                  opset: int, registered_name: str, experiment: str) -> ModelCard:
     """The whole stage; returns the card of the registered version (also ``out_dir/model_card.json``)."""
-    torch.set_num_threads(usable_cpus())  # torch's default counts the machine's cores
+    test_metrics = read_test_metrics(eval_metrics_path)
+    torch.set_num_threads(torch_threads())
     model, card = load_trained(model_path)
-    eval_metrics = json.loads(eval_metrics_path.read_text()) if eval_metrics_path.exists() else {}
-    card = card.model_copy(update={
-        "mlflow_run_id": tracking.read_run_id(run_id_path), "registered_model": registered_name,
-        "metrics": {k: float(eval_metrics[k]) for k in ("top1", "top5") if k in eval_metrics}})
+    card = card.model_copy(update={"mlflow_run_id": tracking.read_run_id(run_id_path),
+                                   "registered_model": registered_name, "metrics": test_metrics.card_metrics()})
     images, labels = load_split(data_dir, "test")
     # The folder appears only when every check passed and the version is registered.
     with replace_dir(out_dir) as staging:
         card = export_files(model, card, staging, opset)
         write_examples(staging, images, labels)
-        parity = check_parity(staging / CLASSIFIER_FILE, model, card, images)
-        log.info("ONNX Runtime matches PyTorch on %d test images (max |Δlogit| %.2e)", parity["images"],
-                 parity["max_abs_logit_diff"])
+        max_diff = check_parity(staging / CLASSIFIER_FILE, images, predict_logits(model, images, card.mean, card.std))
+        log.info("ONNX Runtime matches PyTorch on %d test images (max |Δlogit| %.2e)", len(images), max_diff)
         try:
             check_saliency_finite(staging / SALIENCY_FILE, len(card.classes), card.channels, card.image_size)
         except ValueError as err:

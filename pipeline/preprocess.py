@@ -21,23 +21,23 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.common import images
-from pipeline.common.contract import SPLITS, FileRow, Manifest, SkippedFile
-from pipeline.common.cpus import usable_cpus
+from pipeline.common.contract import MANIFEST_FILE, SPLITS, FileRow, Manifest, SkippedFile
+from pipeline.common.cpus import preprocess_workers
 from pipeline.common.errors import UserError, run_command, setup_logging
 from pipeline.common.files import replace_dir
 from pipeline.lib.config import PreprocessParams, load_params
 from pipeline.lib.dataset_folders import CLASSES_FILE, Dataset, scan_dataset
-from pipeline.lib.pixelcache import CachedRow, PixelCache, copy_range, file_state
+from pipeline.lib.pixelcache import CachedRow, PixelCache, file_state
 from pipeline.lib.progress import progress
+from pipeline.lib.split_arrays import LinkedSplit, NpyWriter
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def split_fractions(dataset: Dataset, params: PreprocessParams) -> dict[str, flo
 
 
 @dataclass
-class Source:
+class DatasetFile:
+    """One file of the dataset folder and what the stage learned about it, step by step."""
+
     path: str
     rel: str  # relative to the dataset folder, POSIX: the manifest's name for it
     label: int
@@ -82,7 +84,7 @@ class Source:
     error: str = ""  # "reason: message" when the file is unusable
 
 
-def _hash(source: Source) -> Source:
+def _hash(source: DatasetFile) -> DatasetFile:
     try:
         with open(source.path, "rb") as handle:
             source.digest = hashlib.sha256(handle.read()).hexdigest()
@@ -91,7 +93,7 @@ def _hash(source: Source) -> Source:
     return source
 
 
-def _inspect(source: Source) -> Source:
+def _inspect(source: DatasetFile) -> DatasetFile:
     """Read the header (cheap: no pixel decoding): grayscale, or why the file is unusable."""
     try:
         img = images.open_image(source.path)
@@ -130,82 +132,7 @@ def _decode(job: tuple[str, int, int, int]) -> Pixels | str:
     return Pixels(array, *pixel_sums(array))
 
 
-class LinkedSplit:
-    """A split whose images and order did not change: a hard link to the previous run's array."""
-
-    def __init__(self, path: Path, previous: Path):
-        self.path, self.previous, self.count = path, previous, 0
-
-    def append_cached(self, row: CachedRow) -> None:
-        self.count += 1
-
-    def append(self, array: np.ndarray) -> None:
-        raise AssertionError("an unchanged split has only cached rows")
-
-    def close(self) -> None:
-        os.link(self.previous, self.path)
-
-
-class NpyWriter:
-    """Append C×H×W arrays to an ``.npy`` file without holding them in memory."""
-
-    def __init__(self, path: Path, item_shape: tuple[int, ...], capacity: int):
-        self.path, self.item_shape, self.count = path, item_shape, 0
-        self.row_bytes = int(np.prod(item_shape))
-        self.file = open(path, "wb")
-        self._header(capacity)
-        self.data_start = self.file.tell()
-        self.pending: tuple[int, int, int] | None = None  # cached rows to copy: (fd, offset, bytes)
-
-    def _header(self, count: int) -> None:
-        header = {"descr": "|u1", "fortran_order": False, "shape": (count, *self.item_shape)}
-        np.lib.format.write_array_header_1_0(self.file, header)
-
-    def append(self, array: np.ndarray) -> None:
-        self._copy_pending()
-        self.file.write(np.ascontiguousarray(array).data)
-        self.count += 1
-
-    def append_cached(self, row: CachedRow) -> None:
-        """Append a row of a previous run's array; consecutive rows are copied as one range."""
-        if self.pending and self.pending[0] == row.fd and self.pending[1] + self.pending[2] == row.offset:
-            self.pending = (row.fd, self.pending[1], self.pending[2] + self.row_bytes)
-        else:
-            self._copy_pending()
-            self.pending = (row.fd, row.offset, self.row_bytes)
-        self.count += 1
-
-    def _copy_pending(self) -> None:
-        if self.pending is None:
-            return
-        fd, offset, nbytes = self.pending
-        self.pending = None
-        self.file.flush()
-        position = self.file.tell()
-        copy_range(fd, self.file.fileno(), offset, position, nbytes)
-        self.file.seek(position + nbytes)
-
-    def close(self) -> None:
-        """Rewrite the header with the real count (files may have been skipped)."""
-        self._copy_pending()
-        self.file.seek(0)
-        self._header(self.count)
-        if self.file.tell() != self.data_start:  # header length changed: copy the data over
-            self.file.close()
-            moved = self.path.with_suffix(".move")
-            with open(self.path, "rb") as src, open(moved, "wb") as dst:
-                np.lib.format.write_array_header_1_0(
-                    dst, {"descr": "|u1", "fortran_order": False, "shape": (self.count, *self.item_shape)}
-                )
-                src.seek(self.data_start)
-                shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(moved, self.path)
-            return
-        self.file.truncate(self.data_start + self.count * self.row_bytes)
-        self.file.close()
-
-
-def _resolve_channels(setting: int | str, sources: list[Source]) -> int:
+def _resolve_channels(setting: int | str, sources: list[DatasetFile]) -> int:
     if setting == "auto":
         return 1 if all(s.grayscale for s in sources if not s.error) else 3
     return int(setting)
@@ -251,13 +178,115 @@ def _check_coverage(dataset: Dataset, counts: dict[str, list[int]], params: Prep
                 )
 
 
-def _pool_update(pool, fn, sources: list[Source], needed, desc: str) -> list[Source]:
+def _pool_update(pool, fn, sources: list[DatasetFile], needed, desc: str) -> list[DatasetFile]:
     """``sources`` with ``fn`` applied, in the worker processes, to those where ``needed(source)``."""
     todo = [s for s in sources if needed(s)]
     if not todo:
         return sources
     done = iter(list(progress(pool.imap(fn, todo, chunksize=32), total=len(todo), desc=desc, unit="img")))
     return [next(done) if needed(s) else s for s in sources]
+
+
+def _list_files(data_dir: Path, dataset: Dataset, cache: PixelCache) -> list[DatasetFile]:
+    """Every file of the dataset, with its hash when the cache knows the file unchanged."""
+    files = []
+    absolute = os.path.abspath(data_dir)  # the cache's name for a file: stable whatever the working folder
+    for rel, label, folder in dataset.files:
+        file = DatasetFile(os.path.join(data_dir, rel), rel, label, folder)
+        try:
+            file.state = file_state(os.stat(file.path))
+            file.digest = cache.digest(f"{absolute}/{rel}", file.state)
+        except OSError as err:
+            file.error = f"unreadable: {file.path}: {err}"
+        files.append(file)
+    return files
+
+
+def _hash_inspect_split(pool, files: list[DatasetFile], cache: PixelCache, dataset: Dataset,
+                        params: PreprocessParams, seed: int) -> list[DatasetFile]:
+    """Hash what the cache does not know, read the headers it has not seen, assign each file its split."""
+    files = _pool_update(pool, _hash, files, lambda f: not f.error and not f.digest, "hash")
+    for file in files:
+        file.grayscale = cache.grayscale(file.digest) if file.digest else None
+    files = _pool_update(pool, _inspect, files, lambda f: not f.error and f.grayscale is None, "inspect")
+    fractions = split_fractions(dataset, params)
+    for file in files:
+        file.split = file.folder if file.folder in ("val", "test") else \
+            assign_split(file.digest, seed, fractions["val"], fractions["test"])
+    return files
+
+
+@dataclass
+class Written:
+    """What the arrays hold, in the order written: the manifest's rows, labels, class counts and
+    the train split's exact per-channel sums (for the mean and std)."""
+
+    rows: list[FileRow]
+    row_sums: list[tuple[list[int], list[int]]]
+    labels: dict[str, list[int]]
+    counts: dict[str, list[int]]
+    pixel_sum: list[int]
+    pixel_sq: list[int]
+
+    def normalisation(self, image_size: int) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the train split, 0–1 scale, 6 decimals."""
+        values = len(self.labels["train"]) * image_size * image_size * 255
+        mean = np.array(self.pixel_sum, dtype=np.float64) / values
+        std = np.sqrt(np.maximum(np.array(self.pixel_sq, dtype=np.float64) / (values * 255) - mean**2, 1e-12))
+        return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+def _open_writers(tmp: Path, usable: list[DatasetFile], cache: PixelCache,
+                  item_shape: tuple[int, int, int]) -> dict[str, NpyWriter | LinkedSplit]:
+    writers: dict[str, NpyWriter | LinkedSplit] = {}
+    for split in SPLITS:
+        digests = [f.digest for f in usable if f.split == split]
+        previous = cache.unchanged(split, digests)  # same images, same order: same bytes
+        writers[split] = LinkedSplit(tmp / f"{split}_images.npy", previous) if previous else \
+            NpyWriter(tmp / f"{split}_images.npy", item_shape, len(digests))
+    return writers
+
+
+def _write_arrays(usable: list[DatasetFile], cached: dict[str, CachedRow], decoded: Iterator[Pixels | str],
+                  writers: dict[str, NpyWriter | LinkedSplit], classes: list[str], channels: int,
+                  params: PreprocessParams) -> Written:
+    """Each usable file's pixels (cached, else the next decoded) into its split's array."""
+    written = Written(rows=[], row_sums=[], labels={split: [] for split in SPLITS},
+                      counts={split: [0] * len(classes) for split in SPLITS},
+                      pixel_sum=[0] * channels, pixel_sq=[0] * channels)
+    for file in progress(usable, total=len(usable), desc="decode", unit="img"):
+        result = cached.get(file.digest) or next(decoded)
+        if isinstance(result, str):
+            file.error = result
+            continue
+        written.rows.append(FileRow(path=file.rel, sha256=file.digest, split=file.split,
+                                    class_name=classes[file.label], index=writers[file.split].count))
+        written.row_sums.append((result.sums, result.squares))
+        if isinstance(result, CachedRow):
+            writers[file.split].append_cached(result)
+        else:
+            writers[file.split].append(result.array)
+        written.labels[file.split].append(file.label)
+        written.counts[file.split][file.label] += 1
+        if file.split == "train":  # exact integers: the same totals in any order, cached or not
+            written.pixel_sum = [a + b for a, b in zip(written.pixel_sum, result.sums, strict=True)]
+            written.pixel_sq = [a + b for a, b in zip(written.pixel_sq, result.squares, strict=True)]
+    for writer in writers.values():
+        writer.close()
+        writer.path.chmod(0o444)  # hard-linked into the cache (and DVC's): never written in place
+    return written
+
+
+def _manifest(dataset: Dataset, channels: int, image_size: int, seed: int, written: Written,
+              skipped: list[SkippedFile]) -> Manifest:
+    mean, std = written.normalisation(image_size)
+    return Manifest(
+        classes=dataset.classes, classes_source=dataset.classes_source, channels=channels, image_size=image_size,
+        mean=mean, std=std, counts={split: len(written.labels[split]) for split in SPLITS},
+        class_counts=written.counts, seed=seed,
+        split_source={split: "folder" if split in dataset.split_folders else "hash" for split in SPLITS},
+        files=written.rows, skipped=skipped,
+    )
 
 
 def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: PreprocessParams, seed: int,
@@ -278,97 +307,40 @@ def preprocess_folder(data_dir: str | Path, out_dir: str | Path, params: Preproc
     if len(dataset.classes) < 2:
         raise PreprocessError(f"{data_dir}: found {len(dataset.classes)} class folder(s); "
                               "a classifier needs at least 2")
-    workers = params.workers or usable_cpus()  # not os.cpu_count(): a pod may get 2 of 64 cores
     cache = PixelCache(Path(cache_dir) if cache_dir else None)
-    fractions = split_fractions(dataset, params)
-    sources = []
-    absolute = os.path.abspath(data_dir)  # the cache's name for a file: stable whatever the working folder
-    for rel, label, folder in dataset.files:
-        source = Source(os.path.join(data_dir, rel), rel, label, folder)
-        try:
-            source.state = file_state(os.stat(source.path))
-            source.digest = cache.digest(f"{absolute}/{rel}", source.state)
-        except OSError as err:
-            source.error = f"unreadable: {source.path}: {err}"
-        sources.append(source)
-
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        sources = _pool_update(pool, _hash, sources, lambda s: not s.error and not s.digest, "hash")
-        for source in sources:
-            source.grayscale = cache.grayscale(source.digest) if source.digest else None
-        sources = _pool_update(pool, _inspect, sources, lambda s: not s.error and s.grayscale is None, "inspect")
-        for source in sources:
-            source.split = source.folder if source.folder in ("val", "test") else \
-                assign_split(source.digest, seed, fractions["val"], fractions["test"])
-        channels = _resolve_channels(params.channels, sources)
-        usable = [s for s in sources if not s.error]
-        item_shape = (channels, params.size, params.size)
-        key = cache.key(params.size, channels, params.max_pixels)
+    files = _list_files(data_dir, dataset, cache)
+    with multiprocessing.get_context("fork").Pool(preprocess_workers(params.workers)) as pool:
+        files = _hash_inspect_split(pool, files, cache, dataset, params, seed)
+        channels = _resolve_channels(params.channels, files)
+        usable = [f for f in files if not f.error]
+        item_shape = (channels, params.image_size, params.image_size)
+        key = cache.key(params.image_size, channels, params.max_pixels)
         cache.load(key, item_shape)
-        cached = {s.digest: row for s in usable if (row := cache.get(s.digest)) is not None}
-        jobs = ((s.path, params.size, channels, params.max_pixels) for s in usable if s.digest not in cached)
+        cached = {f.digest: row for f in usable if (row := cache.get(f.digest)) is not None}
+        jobs = ((f.path, params.image_size, channels, params.max_pixels) for f in usable if f.digest not in cached)
         decoded = pool.imap(_decode, jobs, chunksize=8)
         log.info("%d images: %d to decode, %d from the cache", len(usable), len(usable) - len(cached), len(cached))
-
         try:
             with replace_dir(out_dir) as tmp:
-                writers: dict[str, NpyWriter | LinkedSplit] = {}
-                for split in SPLITS:
-                    digests = [s.digest for s in usable if s.split == split]
-                    previous = cache.unchanged(split, digests)  # same images, same order: same bytes
-                    writers[split] = LinkedSplit(tmp / f"{split}_images.npy", previous) if previous else \
-                        NpyWriter(tmp / f"{split}_images.npy", item_shape, len(digests))
-                labels: dict[str, list[int]] = {split: [] for split in SPLITS}
-                counts = {split: [0] * len(dataset.classes) for split in SPLITS}
-                pixel_sum, pixel_sq = [0] * channels, [0] * channels
-                rows, row_sums = [], []
-                for source in progress(usable, total=len(usable), desc="decode", unit="img"):
-                    result = cached.get(source.digest) or next(decoded)
-                    if isinstance(result, str):
-                        source.error = result
-                        continue
-                    rows.append(FileRow(path=source.rel, sha256=source.digest, split=source.split,
-                                        class_name=dataset.classes[source.label], index=writers[source.split].count))
-                    row_sums.append((result.sums, result.squares))
-                    if isinstance(result, CachedRow):
-                        writers[source.split].append_cached(result)
-                    else:
-                        writers[source.split].append(result.array)
-                    labels[source.split].append(source.label)
-                    counts[source.split][source.label] += 1
-                    if source.split == "train":  # exact integers: the same totals in any order, cached or not
-                        pixel_sum = [a + b for a, b in zip(pixel_sum, result.sums, strict=True)]
-                        pixel_sq = [a + b for a, b in zip(pixel_sq, result.squares, strict=True)]
-                for writer in writers.values():
-                    writer.close()
-                    writer.path.chmod(0o444)  # hard-linked into the cache (and DVC's): never written in place
-                skipped = [SkippedFile(path=s.rel, reason=s.error) for s in sources if s.error]
-                if skipped and params.on_error == "fail":
-                    raise PreprocessError(unusable_files_message([s.error for s in sources if s.error]))
+                writers = _open_writers(tmp, usable, cache, item_shape)
+                written = _write_arrays(usable, cached, decoded, writers, dataset.classes, channels, params)
+                skipped = [SkippedFile(path=f.rel, reason=f.error) for f in files if f.error]
+                if skipped and params.on_error == "fail":  # every bad file named at once, nothing written
+                    raise PreprocessError(unusable_files_message([f.error for f in files if f.error]))
                 for entry in skipped:
                     log.warning("skipped %s", entry.reason)
-                _check_coverage(dataset, counts, params)
-
-                values = len(labels["train"]) * params.size * params.size * 255
-                mean = np.array(pixel_sum, dtype=np.float64) / values
-                std = np.sqrt(np.maximum(np.array(pixel_sq, dtype=np.float64) / (values * 255) - mean**2, 1e-12))
+                _check_coverage(dataset, written.counts, params)
                 for split in SPLITS:
-                    np.save(tmp / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
-                manifest = Manifest(
-                    classes=dataset.classes, classes_source=dataset.classes_source, channels=channels,
-                    image_size=params.size, mean=[round(float(m), 6) for m in mean],
-                    std=[round(float(s), 6) for s in std], counts={split: len(labels[split]) for split in SPLITS},
-                    class_counts=counts, seed=seed,
-                    split_source={split: "folder" if split in dataset.split_folders else "hash" for split in SPLITS},
-                    files=rows, skipped=skipped,
-                )
-                (tmp / "manifest.json").write_text(manifest.to_json())
+                    np.save(tmp / f"{split}_labels.npy", np.asarray(written.labels[split], dtype=np.int64))
+                manifest = _manifest(dataset, channels, params.image_size, seed, written, skipped)
+                (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         finally:
             cache.close()
-    hashed = [(f"{absolute}/{s.rel}", s.state, s.digest, s.grayscale) for s in sources if s.digest]
-    cache.save(key, out_dir, channels, rows, row_sums, hashed)
+    absolute = os.path.abspath(data_dir)
+    hashed = [(f"{absolute}/{f.rel}", f.state, f.digest, f.grayscale) for f in files if f.digest]
+    cache.save(key, out_dir, channels, written.rows, written.row_sums, hashed)
     log.info("preprocessed %s: %s, %d channel(s), %d px, %d skipped, %d decoded", data_dir,
-             manifest.counts, channels, params.size, len(skipped), len(usable) - len(cached))
+             manifest.counts, channels, params.image_size, len(skipped), len(usable) - len(cached))
     return manifest
 
 

@@ -52,9 +52,9 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, strength: float = STRENGTH)
     return buffer.getvalue()
 
 
-def display_side(short_side: int, model_size: int, max_side: int = MAX_SIDE) -> int:
+def display_side(short_side: int, image_size: int, max_side: int = MAX_SIDE) -> int:
     """The PNG's side: the upload's shorter side, capped at ``max_side``, never below the model's input."""
-    return max(model_size, min(short_side, max_side))
+    return max(image_size, min(short_side, max_side))
 
 
 def resample_heat(heat: np.ndarray, side: int) -> np.ndarray:

@@ -81,7 +81,7 @@ class Classifier:
         log.info("model %s on %s", model_dir, provider)
         card = ModelCard.read(model_dir)
         self.classes: list[str] = card.classes
-        self.size, self.channels = card.image_size, card.channels
+        self.image_size, self.channels = card.image_size, card.channels
         source = f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else model_dir.name  # no full path
         self.info = Metadata.of(card, source, provider, SETTINGS.public())
         self.batcher = Batcher(self._probabilities, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
@@ -96,7 +96,7 @@ class Classifier:
 
     async def _decode(self, data: bytes, what: str) -> np.ndarray:
         await self._in_pool(uploads.check_upload, data, what, SETTINGS)
-        return await self._in_pool(uploads.decode_upload, data, what, self.size, self.channels, SETTINGS)
+        return await self._in_pool(uploads.decode_upload, data, what, self.image_size, self.channels, SETTINGS)
 
     def _top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
         order = np.argsort(-probabilities, kind="stable")[: min(k, len(self.classes))]
@@ -131,7 +131,7 @@ class Classifier:
         if sum(pixels) > SETTINGS.max_batch_pixels:
             raise PayloadTooLarge(f"images: {sum(pixels)} decoded pixels in all, over the limit of "
                                   f"{SETTINGS.max_batch_pixels} (SERVING_MAX_BATCH_PIXELS)")
-        arrays = [await self._in_pool(uploads.decode_upload, data, f"images[{i}]", self.size, self.channels, SETTINGS)
+        arrays = [await self._in_pool(uploads.decode_upload, data, f"images[{i}]", self.image_size, self.channels, SETTINGS)
                   for i, data in enumerate(images)]  # one at a time: a heavy batch takes turns with the others
         probabilities = await asyncio.to_thread(self._probabilities, np.stack(arrays))
         return BatchPredictions(model=self.info.model, version=self.info.version,
@@ -141,7 +141,7 @@ class Classifier:
                       format: Format = "png") -> Response:
         index = self._target_index(target)
         await self._in_pool(uploads.check_upload, data, "image", SETTINGS)
-        array, square = await self._in_pool(uploads.decode_for_display, data, "image", self.size, self.channels,
+        array, square = await self._in_pool(uploads.decode_for_display, data, "image", self.image_size, self.channels,
                                             SETTINGS)  # one decode for the model and the picture
         feeds = {"image": array[None], "target": np.array([index], dtype=np.int64)}
         logits, gradient, guided, gradcam = await asyncio.to_thread(self.saliency_session.run, None, feeds)

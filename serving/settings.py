@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.common.cpus import usable_cpus
+from pipeline.common.cpus import decode_threads, server_session_threads, server_workers, usable_cpus
 
 AUTO = -1  # a field left at AUTO is derived from the usable CPUs in from_env
 
@@ -70,9 +70,9 @@ class Settings:
         decoding threads that are left (measured in bench/serve.py: workers × 1 thread beats
         one worker with a thread per core, as in the issue's TorchServe comparison)."""
         cpus = cpus or usable_cpus()
-        workers = cpus if self.workers == AUTO else self.workers
-        threads = 1 if self.threads == AUTO else self.threads
-        decode = max(1, math.ceil(cpus / workers)) if self.decode_threads == AUTO else self.decode_threads
+        workers = server_workers(cpus) if self.workers == AUTO else self.workers
+        threads = server_session_threads() if self.threads == AUTO else self.threads
+        decode = decode_threads(cpus, workers) if self.decode_threads == AUTO else self.decode_threads
         return dataclasses.replace(self, workers=workers, threads=threads, decode_threads=decode)
 
     def per_worker(self, total: int) -> int:

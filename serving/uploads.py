@@ -106,28 +106,28 @@ def check_upload(data: bytes, what: str, settings: Settings) -> int:
         raise ImageRejected(f"{what}: corrupt: {type(err).__name__}: {err}"[:500]) from None
 
 
-def decode_upload(data: bytes, what: str, size: int, channels: int, settings: Settings) -> np.ndarray:
+def decode_upload(data: bytes, what: str, image_size: int, channels: int, settings: Settings) -> np.ndarray:
     """Bytes that passed :func:`check_upload` → uint8 C×H×W, as the preprocess stage makes it."""
     try:
-        return preprocess(data, size, channels, settings.max_pixels, ALLOWED_FORMATS)
+        return preprocess(data, image_size, channels, settings.max_pixels, ALLOWED_FORMATS)
     except ImageError as err:
         raise rejected(what, err) from None
     except Exception as err:  # noqa: BLE001 - Pillow's decoders raise many types on broken data (fuzz test)
         raise ImageRejected(f"{what}: corrupt: {type(err).__name__}: {err}"[:500]) from None
 
 
-def decode_for_display(data: bytes, what: str, size: int, channels: int, settings: Settings
+def decode_for_display(data: bytes, what: str, image_size: int, channels: int, settings: Settings
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """One decode → (the model input C×size×size, the centre square at display size for the PNG).
+    """One decode → (the model input C×image_size×image_size, the centre square at display size for the PNG).
 
     The image is decoded once at the display size (JPEG draft at :data:`serving.render.MAX_SIDE`)
     and both arrays are resized from it; for uploads within that size both equal what
     :func:`decode_upload` and :func:`serving.render.upload_square` give.
     """
     try:
-        image = decode(data, max(size, MAX_SIDE), channels, settings.max_pixels, ALLOWED_FORMATS)
-        square = crop_resize(image, display_side(min(image.size), size))
-        return to_array(crop_resize(image, size)), to_array(square)
+        image = decode(data, max(image_size, MAX_SIDE), channels, settings.max_pixels, ALLOWED_FORMATS)
+        square = crop_resize(image, display_side(min(image.size), image_size))
+        return to_array(crop_resize(image, image_size)), to_array(square)
     except ImageError as err:
         raise rejected(what, err) from None
     except Exception as err:  # noqa: BLE001 - as in decode_upload

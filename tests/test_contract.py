@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +13,19 @@ import pytest
 from sqlalchemy.exc import OperationalError as SqlAlchemyOperationalError
 
 from pipeline.common import files
-from pipeline.common.contract import ContractError, Manifest, ModelCard
+from pipeline.common.contract import ContractError, Manifest, ModelCard, Provenance
+from pipeline.common.metrics import (
+    BestEpoch,
+    ClassScores,
+    CurvePoint,
+    EpochRecord,
+    EpochStats,
+    EvalMetrics,
+    Prediction,
+    SplitScores,
+    TrainMetrics,
+    write_rows,
+)
 from pipeline.lib import tracking
 from pipeline.lib.config import ParamsError, load_params
 
@@ -100,7 +114,7 @@ def test_write_json_is_atomic_and_leaves_no_temp_file(tmp_path: Path):
 @pytest.mark.parametrize(("yaml_text", "message"), [
     ("train:\n  lr: true\n", "train.lr: Input should be a valid number (got True)"),
     ("train:\n  learning_rate: 1\n", "train.learning_rate: unknown key"),
-    ("preprocess:\n  size: 4\n", "preprocess.size: Input should be greater than or equal to 8"),
+    ("preprocess:\n  image_size: 4\n", "preprocess.image_size: Input should be greater than or equal to 8"),
     ("train:\n  device: tpu\n", "train.device: 'tpu' is not one of"),
     ("train: [1, 2]\n", "train: Input should be a valid dictionary"),
     ("train:\n  lr: [\n", "not valid YAML"),
@@ -175,3 +189,75 @@ def test_tracking_setup_does_not_swallow_store_errors(tmp_path: Path, monkeypatc
     monkeypatch.setattr(mlflow, "create_experiment", refuse)
     with pytest.raises(MlflowException, match="permission denied on the artifact root"):
         tracking.setup("exp")
+
+
+# ----------------------------------------------------------------------------- metrics and plots files
+@pytest.mark.parametrize(("path", "read"), [
+    ("metrics/train.json", TrainMetrics.read),
+    ("metrics/eval.json", EvalMetrics.read),
+])
+def test_committed_metrics_files_round_trip_byte_for_byte(tmp_path: Path, path: str, read):
+    """The typed writers keep the format DVC and git already hold: reading a committed file and
+    writing it back changes no byte (so `make run` does not rewrite tracked files)."""
+    metrics = read(ROOT / path)
+    metrics.write(tmp_path / "out.json")
+    assert (tmp_path / "out.json").read_text() == (ROOT / path).read_text()
+
+
+@pytest.mark.parametrize(("path", "row"), [
+    ("plots/train.json", CurvePoint),
+    ("plots/eval/per_class.json", ClassScores),
+    ("plots/eval/confusion.json", Prediction),
+])
+def test_committed_plots_files_round_trip_byte_for_byte(tmp_path: Path, path: str, row):
+    rows = [row.model_validate(item) for item in json.loads((ROOT / path).read_text())]
+    write_rows(tmp_path / "out.json", rows)
+    assert (tmp_path / "out.json").read_text() == (ROOT / path).read_text()
+
+
+def test_an_epoch_record_feeds_mlflow_the_curves_and_the_best_epoch():
+    stats = EpochStats(train_loss=0.123456, train_accuracy=0.5, images_per_s=900.0, data_wait=0.01, epoch_seconds=2.0)
+    row = EpochRecord.of(3, stats, SplitScores(loss=0.25, top1=0.87654, top5=1.0), lr=0.000123456, cpu_threads=2)
+    assert row.mlflow_metrics()["cpu_threads"] == 2.0 and "epoch" not in row.mlflow_metrics()
+    point = row.curve_point()
+    assert (point.epoch, point.train_loss, point.val_top1, point.lr) == (3, 0.1235, 0.8765, 0.0001235)
+    on_cuda = EpochRecord.of(3, stats, SplitScores(loss=0, top1=0, top5=0), 0.1, cpu_threads=None)
+    assert "cpu_threads" not in on_cuda.mlflow_metrics()
+    metrics = TrainMetrics.of([row], BestEpoch.of(row))
+    assert (metrics.best.epoch, metrics.best.val_top1, metrics.epochs) == (3, 0.8765, 1)
+
+
+def test_eval_metrics_errors_name_the_file_and_field(tmp_path: Path):
+    with pytest.raises(ContractError, match=r"eval.json: not found; run the evaluate stage first"):
+        EvalMetrics.read(tmp_path / "eval.json")
+    (tmp_path / "eval.json").write_text('{"top1": 0.5, "top5": 1.0, "top5_k": 5, "loss": 0.1}')
+    with pytest.raises(ContractError, match=r"eval.json: samples: Field required"):
+        EvalMetrics.read(tmp_path / "eval.json")
+
+
+@pytest.mark.parametrize("content", [None, "{}\n"])
+def test_export_refuses_to_register_without_test_metrics(tmp_path: Path, content: str | None):
+    """No metrics/eval.json (or one without the test metrics): exit 1 with one line naming the
+    file, before anything is exported or registered."""
+    eval_json = tmp_path / "metrics" / "eval.json"
+    if content is not None:
+        eval_json.parent.mkdir()
+        eval_json.write_text(content)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline.export", "--eval-metrics", str(eval_json),
+                           "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "export"),
+                           "--model", str(tmp_path / "model.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {eval_json}: ") and "no version is registered without test metrics" in line
+    assert not (tmp_path / "export").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_provenance_tags_round_trip():
+    outside = Provenance(git_commit="abc", git_dirty=True, data_md5="123")
+    assert outside.tags() == {"git_commit": "abc", "git_dirty": "true", "data_md5": "123"}
+    in_experiment = outside.model_copy(update={"dvc_exp_name": "lr-sweep", "dvc_exp_baseline_rev": "def"})
+    assert Provenance.from_tags({**in_experiment.tags(), "model": "lenet5"}) == in_experiment
+    assert Provenance.from_tags(outside.tags()) == outside

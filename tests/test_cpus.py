@@ -66,3 +66,25 @@ def test_serving_defaults_follow_the_usable_cpus() -> None:
     assert (pinned.workers, pinned.decode_threads) == (1, 4)  # one process: decode on every CPU
     with pytest.raises(ValueError, match="SERVING_WORKERS=0"):
         Settings.from_env(env={"SERVING_WORKERS": "0"}, cpus=2)
+
+
+@pytest.mark.timeout(10)
+def test_training_threads_share_the_usable_cpus_among_the_ranks() -> None:
+    assert [cpus.train_threads(setting, usable=8, ranks=2) for setting in (0, "adaptive", 6, 1)] == [4, 4, 3, 1]
+    assert cpus.train_thread_ceiling(usable=3, ranks=4) == 1  # never 0, however many ranks
+    assert cpus.preprocess_workers(3) == 3 and cpus.preprocess_workers(0) == cpus.usable_cpus()
+    assert cpus.decode_threads(cpus=8, workers=3) == 3 and cpus.decode_threads(cpus=2, workers=8) == 1
+
+
+@pytest.mark.timeout(10)
+def test_thread_counts_are_decided_in_cpus_only() -> None:
+    """Nothing else counts the machine's cores, and the pipeline opens onnxruntime sessions in one
+    place only (whose thread count cpus.onnx_check_threads decides)."""
+    root = Path(__file__).resolve().parent.parent
+    sources = {p.relative_to(root).as_posix(): p.read_text()
+               for package in ("pipeline", "models", "serving") for p in (root / package).rglob("*.py")}
+    assert [name for name, text in sources.items() if "cpu_count(" in text] == ["pipeline/common/cpus.py"]
+    sessions = [name for name, text in sources.items() if "InferenceSession(" in text and name.startswith("pipeline")]
+    assert sessions == ["pipeline/lib/onnx_checks.py"]
+    threads = [name for name, text in sources.items() if "set_num_threads(" in text]
+    assert all("pipeline.common.cpus import" in sources[name] for name in threads), threads

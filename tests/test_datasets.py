@@ -290,7 +290,7 @@ def test_idx_import_and_dvc_repro_keep_the_official_test_split_and_label_order(t
     file, label i is class i in the arrays and the model, progress lines show up, a re-run is incremental,
     and the arrays exist once on disk (workspace, DVC cache and preprocess cache are one inode)."""
     repo = copy_project(tmp_path / "repo", {
-        "preprocess": {"size": 32, "val_fraction": 0.2, "workers": 2},
+        "preprocess": {"image_size": 32, "val_fraction": 0.2, "workers": 2},
         "train": {"epochs": 1, "batch_size": 32, "threads": 2},
     })
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ from pipeline.lib import tracking
 from tests.conftest import BIN, copy_project, pattern_image, sh, tool_env
 
 TINY = {
-    "preprocess": {"size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
+    "preprocess": {"image_size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
     "train": {"model": "lenet5", "epochs": 2, "batch_size": 16, "warmup_epochs": 0.0, "threads": 1,
               "device": "cpu"},
     "evaluate": {"saliency_per_class": 1},

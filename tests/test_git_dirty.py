@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.lib import tracking
+from pipeline.lib import provenance
 from tests.conftest import sh, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # The stage records what the train stage would tag, and what git saw at that moment.
 STAGE = (
-    "import json, subprocess; from pipeline.lib.tracking import source_tags; "
+    "import json, subprocess; from pipeline.lib import provenance; "
     "status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True, "
     "text=True).stdout; "
-    "json.dump({'tags': source_tags(), 'status': status}, open('out/seen.json', 'w')); "
+    "json.dump({'tags': provenance.current().tags(), 'status': status}, open('out/seen.json', 'w')); "
     "open('metrics/m.json', 'w').write(json.dumps({'value': len(open('src.py').read())})); "
     "open('plots/p.json', 'w').write(json.dumps([{'step': 1, 'value': 0.5}]))"
 )
@@ -76,6 +76,6 @@ def test_dvc_owned_paths_come_from_dvc_yaml(tmp_path: Path):
                          "metrics": [{"metrics/a.json": {"cache": False}}], "plots": ["plots/a.json"]},
                    "b": {"cmd": "y"}},
         "plots": [{"plots/a.json": {"x": "epoch"}}, "artifacts/a/curves.png"]}))
-    assert tracking.dvc_owned_paths(tmp_path) == ["dvc.lock", "artifacts/a", "artifacts/ckpt", "metrics/a.json",
+    assert provenance.dvc_owned_paths(tmp_path) == ["dvc.lock", "artifacts/a", "artifacts/ckpt", "metrics/a.json",
                                                   "plots/a.json", "plots/a.json", "artifacts/a/curves.png"]
-    assert tracking.dvc_owned_paths(tmp_path / "missing") == ["dvc.lock"]
+    assert provenance.dvc_owned_paths(tmp_path / "missing") == ["dvc.lock"]

@@ -19,7 +19,7 @@ from pipeline.lib.trained import load_trained
 from tests.conftest import add_dataset, copy_project, sh, tool_env
 
 TINY = {
-    "preprocess": {"size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "workers": 2},
+    "preprocess": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "workers": 2},
     "train": {"epochs": 3, "batch_size": 16, "lr": 0.05, "threads": 2},
     "evaluate": {"saliency_per_class": 1},
 }
@@ -105,7 +105,7 @@ def test_changing_a_param_reruns_its_stage(repo: Path):
     """Regression: with whole-section params DVC's run cache restored outputs of other values."""
     params = repo / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("size: 32", "size: 24", 1))
+    params.write_text(original.replace("image_size: 32", "image_size: 24", 1))
     try:
         out = sh(repo, "dvc", "repro", "preprocess")
         assert "Running stage 'preprocess'" in out

@@ -29,7 +29,7 @@ SEED = 7
 
 def params(**overrides: object) -> PreprocessParams:
     """Tiny outputs; 20 % val and test so 30 images per class reach every split."""
-    values = {"size": 16, "val_fraction": 0.2, "test_fraction": 0.2, "workers": 2, **overrides}
+    values = {"image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2, "workers": 2, **overrides}
     return PreprocessParams(**values)
 
 
@@ -347,7 +347,7 @@ def test_cache_is_keyed_by_the_params_and_keeps_two_sets(
     cache, out = tmp_path / "cache", tmp_path / "out"
     preprocess_folder(image_folder, out, params(), SEED, cache)
     calls = record_calls(monkeypatch, tmp_path / "size20.log")
-    resized = preprocess_folder(image_folder, out, params(size=20), SEED, cache)
+    resized = preprocess_folder(image_folder, out, params(image_size=20), SEED, cache)
     assert len(calls("preprocess")) == 90 and resized.image_size == 20
     calls = record_calls(monkeypatch, tmp_path / "size16.log")
     preprocess_folder(image_folder, out, params(), SEED, cache)  # the first set is still there
@@ -368,7 +368,7 @@ def test_a_damaged_cache_is_ignored(image_folder: Path, tmp_path: Path) -> None:
 
 
 def test_progress_lines_when_output_is_a_pipe(image_folder: Path, tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"preprocess": {"size": 16, "val_fraction": 0.2,
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"preprocess": {"image_size": 16, "val_fraction": 0.2,
                                                                          "test_fraction": 0.2, "workers": 2}}))
     env = {**os.environ, "CNN_PROGRESS_INTERVAL": "0"}
     done = subprocess.run([sys.executable, "-m", "pipeline.preprocess", "--data", str(image_folder), "--out",
@@ -407,7 +407,7 @@ def test_dvc_repro_preprocess(tmp_path: Path, make_image_folder: Callable) -> No
     assert (repo / "dvc.yaml").is_file() and (repo / ".dvc" / "config").is_file()
     settings = yaml.safe_load((repo / "params.yaml").read_text())
     # 20 images per class: 25 % val and test keep every split of every class non-empty.
-    settings["preprocess"].update(size=16, val_fraction=0.25, test_fraction=0.25, workers=2)
+    settings["preprocess"].update(image_size=16, val_fraction=0.25, test_fraction=0.25, workers=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     git("init", "-q", cwd=repo)
     git("add", "-A", cwd=repo)

@@ -450,5 +450,5 @@ def test_check_saliency_finite_catches_non_finite(tmp_path: Path, defect: str, o
 
     message = f"{path}: saliency.onnx yields non-finite values for the black image, target 2, output {output}"
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_saliency_finite(path, num_classes=4, channels=3, size=8)
-    check_saliency_finite(path, num_classes=2, channels=3, size=8)  # targets 0, 1, -1 never reach it
+        check_saliency_finite(path, num_classes=4, channels=3, image_size=8)
+    check_saliency_finite(path, num_classes=2, channels=3, image_size=8)  # targets 0, 1, -1 never reach it

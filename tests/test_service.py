@@ -123,7 +123,7 @@ def test_serving_pixels_and_logits_equal_the_preprocess_stage(
     exif[0x0112] = 6  # orientation: rotate 90° on display
     photo = Image.fromarray(np.random.default_rng(6).integers(0, 256, (30, 60, 3), dtype=np.uint8))
     photo.save(data / "c1" / "rotated.jpg", "JPEG", exif=exif, quality=90)
-    params = PreprocessParams(size=SIZE, channels=CHANNELS, val_fraction=0.0, test_fraction=0.0, workers=1)
+    params = PreprocessParams(image_size=SIZE, channels=CHANNELS, val_fraction=0.0, test_fraction=0.0, workers=1)
     manifest = preprocess_folder(data, tmp_path / "out", params, seed=0).model_dump()
     staged = np.load(tmp_path / "out" / "train_images.npy")
     assert len(manifest["files"]) == 8 and not manifest["skipped"]

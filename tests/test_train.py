@@ -22,7 +22,9 @@ from PIL import Image
 from pipeline import train as train_stage
 from pipeline.common.contract import Manifest
 from pipeline.common.errors import UserError
+from pipeline.common.metrics import TrainMetrics
 from pipeline.lib import engine
+from pipeline.lib.checkpoint import Checkpoint
 from pipeline.lib.config import Params, PreprocessParams, TrainParams
 from pipeline.lib.trained import load_trained
 from pipeline.preprocess import preprocess_folder
@@ -42,7 +44,7 @@ def tiny_data(tmp_path_factory) -> Path:
         (root / "data" / f"c{label}").mkdir(parents=True)
         for i in range(40):
             Image.fromarray(pattern_image(label, rng)).save(root / "data" / f"c{label}" / f"{i}.png")
-    preprocess_folder(root / "data", root / "pre", PreprocessParams(size=32, val_fraction=0.2,
+    preprocess_folder(root / "data", root / "pre", PreprocessParams(image_size=32, val_fraction=0.2,
                                                                      test_fraction=0.2, workers=1), seed=0)
     return root / "pre"
 
@@ -69,10 +71,11 @@ def test_same_params_same_metrics(tiny_data, tmp_path, mlflow_store):
     params = Params(train=TINY_TRAIN)
     first = _run(tmp_path / "a", tiny_data, params)
     second = _run(tmp_path / "b", tiny_data, params)
-    assert first["final"] == second["final"]
+    assert first.final == second.final
     assert _curves(tmp_path / "a") == _curves(tmp_path / "b")
     # and training does learn the patterns
-    assert first["best"]["val_top1"] > 0.9
+    assert first.best.val_top1 > 0.9
+    assert TrainMetrics.read(tmp_path / "a" / "metrics.json") == first  # what the stage wrote
 
 
 def test_mlflow_run_records_params_metrics_tags(tiny_data, tmp_path, mlflow_store):
@@ -84,7 +87,7 @@ def test_mlflow_run_records_params_metrics_tags(tiny_data, tmp_path, mlflow_stor
     assert run.info.status == "FINISHED"
     assert run.data.params["train.model"] == "lenet5"
     assert run.data.params["train.epochs"] == "3"
-    assert run.data.params["preprocess.size"] == "224"  # every param, flattened
+    assert run.data.params["preprocess.image_size"] == "224"  # every param, flattened
     for key in ("git_commit", "git_dirty", "data_md5", "model", "device", "torch_version"):
         assert key in run.data.tags
     assert run.data.tags["model"] == "lenet5"
@@ -112,6 +115,10 @@ def test_checkpoints_load_with_weights_only(tiny_data, tmp_path, mlflow_store):
     _run(tmp_path, tiny_data, Params(train=TINY_TRAIN))
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng_cpu"} <= set(state)
+    checkpoint = Checkpoint.load(tmp_path / "ckpt" / "last.pt", state["fingerprint"], torch.device("cpu"))
+    assert [row.epoch for row in checkpoint.history] == [1, 2, 3]
+    assert checkpoint.best.val_top1 == max(row.val_top1 for row in checkpoint.history)
+    assert Checkpoint.load(tmp_path / "ckpt" / "last.pt", "another run", torch.device("cpu")) is None
     model, card = load_trained(tmp_path / "train" / "model.pt")  # weights_only inside
     assert card.classes == ["c0", "c1", "c2"] and card.architecture == "lenet5"
     assert card.mlflow_run_id == (tmp_path / "train" / "run_id").read_text().strip()
@@ -155,10 +162,7 @@ def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_sto
     rerun = subprocess.run(_train_cmd(resumed, tiny_data, params), env=env, cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming from {checkpoint} at epoch {killed_at + 1}" in rerun.stderr
-    ref_metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
-    res_metrics = json.loads((resumed / "metrics.json").read_text())
-    assert res_metrics["final"] == ref_metrics["final"]
-    assert res_metrics["best"] == ref_metrics["best"]
+    assert TrainMetrics.read(resumed / "metrics.json") == TrainMetrics.read(tmp_path / "ref" / "metrics.json")
     assert _curves(resumed) == _curves(tmp_path / "ref")
     # the resumed run continues the same MLflow run, which ends FINISHED
     run_id = (resumed / "train" / "run_id").read_text().strip()
@@ -235,8 +239,7 @@ def test_ddp_two_cpu_processes_on_an_uneven_split(uneven_data, tmp_path, mlflow_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["epochs"] == 2
+    assert TrainMetrics.read(tmp_path / "metrics.json").epochs == 2
     runs = mlflow.search_runs(experiment_names=["cnn-mlops"], output_format="list")
     assert [r.info.status for r in runs] == ["FINISHED"]  # rank 0 alone logs
     assert len(mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "val_top1")) == 2

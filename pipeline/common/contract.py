@@ -1,11 +1,13 @@
-"""What crosses a boundary: the dataset manifest and the model card, one typed definition each.
+"""What crosses a boundary: the dataset manifest, the model card and a run's provenance, one typed
+definition each (the metrics and plots files: :mod:`pipeline.common.metrics`).
 
 Every producer and consumer goes through these classes: the preprocess stage writes a
 :class:`Manifest`, train/evaluate/export read it; the train stage saves a :class:`ModelCard`
 beside the weights, export completes it and writes it into both ONNX files (metadata props),
 into ``model_card.json`` and into the MLflow model version; ``serving`` reads it back from the
-deployable folder and labels BentoML store entries from it. One name per value: the input
-side is ``image_size`` everywhere.
+deployable folder and labels BentoML store entries from it. The train stage tags its MLflow run
+with a :class:`Provenance` and copies its commit and data version into the card. One name per
+value: the input side is ``image_size`` everywhere, from params.yaml to the ONNX metadata.
 
 stdlib and pydantic only (and :mod:`pipeline.common.errors`): it ships in the Bento.
 """
@@ -15,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.common.errors import UserError
 
+M = TypeVar("M", bound=BaseModel)
 SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
 
@@ -78,7 +81,7 @@ class Manifest(_Frozen):
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
-        return _read(cls, Path(folder) / MANIFEST_FILE, "run the preprocess stage first (dvc repro preprocess)")
+        return read_json(cls, Path(folder) / MANIFEST_FILE, "run the preprocess stage first (dvc repro preprocess)")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1) + "\n"
@@ -87,6 +90,29 @@ class Manifest(_Frozen):
 # The card minus ``files`` and ``version`` goes into the ONNX files: a file cannot carry its own
 # hash, and the version is assigned after the files are written.
 _NOT_IN_ONNX = frozenset({"files", "version"})
+
+
+class Provenance(_Frozen):
+    """Where a training run's inputs came from (read by :mod:`pipeline.lib.provenance`)."""
+
+    git_commit: str = ""
+    git_dirty: bool = False  # tracked files differ from the commit (DVC's own writes aside)
+    data_md5: str = ""  # the md5 data.dvc records
+    dvc_exp_name: str = ""  # set under `dvc exp run`
+    dvc_exp_baseline_rev: str = ""
+
+    def tags(self) -> dict[str, str]:
+        """MLflow run tags (strings); the experiment's only under ``dvc exp run``."""
+        tags = {"git_commit": self.git_commit, "git_dirty": str(self.git_dirty).lower(), "data_md5": self.data_md5}
+        if self.dvc_exp_name:
+            tags |= {"dvc_exp_name": self.dvc_exp_name, "dvc_exp_baseline_rev": self.dvc_exp_baseline_rev}
+        return tags
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Provenance:
+        """Back from a run's tags (other tags ignored)."""
+        raw = {key: value for key, value in tags.items() if key in cls.model_fields}
+        return validate(cls, raw | {"git_dirty": raw.get("git_dirty") == "true"}, "MLflow run tags")
 
 
 class ModelCard(_Frozen):
@@ -121,7 +147,7 @@ class ModelCard(_Frozen):
         fields = cls.model_fields
         raw = {key: value if fields[key].annotation in (str, "str") else json.loads(value)
                for key, value in props.items() if key in fields and key not in _NOT_IN_ONNX}
-        return _validate(cls, raw, "ONNX metadata")
+        return validate(cls, raw, "ONNX metadata")
 
     # ---------------------------------------------------------------- MLflow and BentoML
     def version_tags(self) -> dict[str, str]:
@@ -138,7 +164,7 @@ class ModelCard(_Frozen):
     # ---------------------------------------------------------------- the deployable folder
     @classmethod
     def read(cls, folder: str | Path) -> ModelCard:
-        return _read(cls, Path(folder) / CARD_FILE, "run the export stage first (dvc repro export)")
+        return read_json(cls, Path(folder) / CARD_FILE, "run the export stage first (dvc repro export)")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
@@ -167,7 +193,8 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _validate(cls, raw, where: str):
+def validate(cls: type[M], raw: object, where: str) -> M:
+    """``raw`` as a ``cls``, or a :class:`ContractError` naming ``where`` and the first bad field."""
     try:
         return cls.model_validate(raw)
     except ValidationError as err:
@@ -176,7 +203,9 @@ def _validate(cls, raw, where: str):
         raise ContractError(f"{where}: {field}: {first['msg']}") from None
 
 
-def _read(cls, path: Path, hint: str):
+def read_json(cls: type[M], path: Path, hint: str) -> M:
+    """The JSON file ``path`` as a ``cls``; a :class:`ContractError` naming the file (and ``hint``,
+    what to run, when it is missing) otherwise."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -185,4 +214,4 @@ def _read(cls, path: Path, hint: str):
         raw = json.loads(text)
     except ValueError as err:
         raise ContractError(f"{path}: not valid JSON ({err})") from None
-    return _validate(cls, raw, str(path))
+    return validate(cls, raw, str(path))

@@ -1,9 +1,11 @@
-"""How many CPUs this process may actually use: affinity mask and cgroup CPU quota.
+"""How many CPUs this process may actually use, and every thread and worker count derived from it.
 
 ``os.cpu_count()`` counts the machine's cores, but a process pinned with ``taskset``, a Docker
 container with ``--cpus`` or a Kubernetes pod with a CPU limit gets fewer. Sizing thread
-pools by the machine makes threads queue for a share they cannot have. Stdlib only, so it
-ships in the Bento (the service sizes its workers and threads with it).
+pools by the machine makes threads queue for a share they cannot have. Every count the
+pipeline and the service use is decided here, one function per decision, from
+:func:`usable_cpus`; nothing else calls ``os.cpu_count()`` or keeps a library's default (torch
+and onnxruntime both count the machine's cores). Stdlib only, so it ships in the Bento.
 """
 
 from __future__ import annotations
@@ -95,6 +97,53 @@ def usable_cpus(cgroup_root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | P
     if limit is not None:
         cpus = min(cpus, math.ceil(limit))
     return max(1, cpus)
+
+
+# ----------------------------------------------------------------------------- the decisions
+def torch_threads() -> int:
+    """torch threads of a stage that runs a trained model on the CPU (evaluate, export)."""
+    return usable_cpus()
+
+
+def onnx_check_threads() -> int:
+    """onnxruntime intra-op threads of a pipeline-side session (export's checks, the registry's
+    signature): one process alone on the machine, so every usable CPU."""
+    return usable_cpus()
+
+
+def preprocess_workers(setting: int) -> int:
+    """Decoding processes of the preprocess stage: ``preprocess.workers``, 0 = every usable CPU."""
+    return setting or usable_cpus()
+
+
+def train_thread_ceiling(usable: int, ranks: int) -> int:
+    """Most torch threads one training process may take: the usable CPUs shared by the ``ranks``
+    DDP processes on this machine."""
+    return max(1, usable // ranks)
+
+
+def train_threads(setting: int | str, usable: int, ranks: int) -> int:
+    """torch threads per training process for ``train.threads`` (a total over the machine's ranks;
+    0 or ``"adaptive"``, where the pacer starts, = the ceiling)."""
+    if setting in (0, "adaptive"):
+        return train_thread_ceiling(usable, ranks)
+    return max(1, int(setting) // ranks)
+
+
+def server_workers(cpus: int) -> int:
+    """``bentoml serve`` worker processes: one per usable CPU (bench/serve.py: workers x 1 thread
+    beats one worker with a thread per core)."""
+    return cpus
+
+
+def server_session_threads() -> int:
+    """onnxruntime intra-op threads of one serving worker's session: its workers share the CPUs."""
+    return 1
+
+
+def decode_threads(cpus: int, workers: int) -> int:
+    """Image-decoding threads per serving worker: the CPUs its workers leave over, at least one."""
+    return max(1, math.ceil(cpus / max(1, workers)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 HIGH_DEPTH_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 DEFAULT_MAX_PIXELS = 50_000_000
 
-Source = str | Path | bytes | BinaryIO
+# An encoded image: a file path, the file's bytes, or a binary stream.
+EncodedImage = str | Path | bytes | BinaryIO
 
 
 class ImageError(ValueError):
@@ -35,7 +36,7 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def _as_file(source: Source) -> tuple[BinaryIO | str, str]:
+def _as_file(source: EncodedImage) -> tuple[BinaryIO | str, str]:
     if isinstance(source, bytes):
         if not source:
             raise ImageError("empty", "empty input (0 bytes)")
@@ -49,7 +50,7 @@ def _as_file(source: Source) -> tuple[BinaryIO | str, str]:
 
 
 def open_image(
-    source: Source, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None
+    source: EncodedImage, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None
 ) -> Image.Image:
     """Open an image lazily (header only) and check its size.
 
@@ -115,20 +116,20 @@ def convert_channels(img: Image.Image, channels: int) -> Image.Image:
 
 
 def decode(
-    source: Source, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+    source: EncodedImage, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: Sequence[str] | None = None,
 ) -> Image.Image:
     """Decode the first frame, apply EXIF orientation and convert channels.
 
-    JPEGs much larger than ``size`` are decoded at a reduced scale (``draft``), which is
+    JPEGs much larger than ``image_size`` are decoded at a reduced scale (``draft``), which is
     several times faster and loses nothing after the resize.
     """
     img = open_image(source, max_pixels, formats)
     name = getattr(img, "filename", "") or "<input>"
     try:
         if img.format == "JPEG":
-            # draft keeps both sides >= size, so the square crop still covers size x size.
-            img.draft(img.mode, (size, size))
+            # draft keeps both sides >= image_size, so the square crop still covers it.
+            img.draft(img.mode, (image_size, image_size))
         img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -139,14 +140,14 @@ def decode(
         raise ImageError("corrupt", f"{name}: corrupt or truncated image ({err})") from None
 
 
-def crop_resize(img: Image.Image, size: int) -> Image.Image:
-    """Centre-crop to a square and resize to ``size``×``size`` with antialiasing."""
+def crop_resize(img: Image.Image, side: int) -> Image.Image:
+    """Centre-crop to a square and resize to ``side``×``side`` with antialiasing."""
     width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    box = (left, top, left + side, top + side)
+    square = min(width, height)
+    left, top = (width - square) / 2, (height - square) / 2
+    box = (left, top, left + square, top + square)
     # resize(box=...) crops and resamples in one pass; reducing_gap adds a fast box pre-shrink.
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    return img.resize((side, side), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
 
 
 def to_array(img: Image.Image) -> np.ndarray:
@@ -160,21 +161,21 @@ def to_array(img: Image.Image) -> np.ndarray:
 
 
 def preprocess(
-    source: Source, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+    source: EncodedImage, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Image file, bytes or stream → uint8 C×H×W model input.
 
     Args:
         source: a path, the file's bytes, or a binary stream.
-        size: output side in pixels.
+        image_size: the model input side in pixels (the output is square).
         channels: 1 or 3.
         max_pixels: refuse larger images (decompression bombs).
         formats: the Pillow formats to accept (None: any Pillow reads).
     Returns:
-        ``np.ndarray`` of shape (channels, size, size), dtype uint8.
+        ``np.ndarray`` of shape (channels, image_size, image_size), dtype uint8.
     Raises:
         ImageError: with ``reason`` in empty, not_an_image, unreadable, zero_pixels,
             too_many_pixels, corrupt.
     """
-    return to_array(crop_resize(decode(source, size, channels, max_pixels, formats), size))
+    return to_array(crop_resize(decode(source, image_size, channels, max_pixels, formats), image_size))

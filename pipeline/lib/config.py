@@ -28,7 +28,7 @@ class BaseParams(_Section):
 
 
 class PreprocessParams(_Section):
-    size: int = Field(224, ge=8)  # output side in pixels
+    image_size: int = Field(224, ge=8)  # the model input side in pixels
     channels: Literal[1, 3, "auto"] = "auto"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)

@@ -226,6 +226,35 @@ def idx_split(path: str | Path) -> str:
                        "give --splits (one of train, val, test per --images file)")
 
 
+def _idx_splits(image_files: Sequence[str | Path], label_files: Sequence[str | Path],
+                splits: Sequence[str] | None) -> list[str]:
+    """The split of each IDX pair (given, else from the file names); at least one train pair."""
+    if len(image_files) != len(label_files) or not image_files:
+        raise DatasetError("give the same number (at least one) of --images and --labels files")
+    if splits is not None and len(splits) != len(image_files):
+        raise DatasetError(f"give one split per --images file: {len(image_files)} files, {len(splits)} splits")
+    splits = list(splits) if splits is not None else [idx_split(path) for path in image_files]
+    for split in splits:
+        if split not in SPLIT_FOLDERS:
+            raise DatasetError(f"split {split!r} is not one of {', '.join(SPLIT_FOLDERS)}")
+    if "train" not in splits:
+        raise DatasetError(f"no training file among {', '.join(map(str, image_files))} (splits: {', '.join(splits)})")
+    return splits
+
+
+def _read_idx_pair(image_file: str | Path, label_file: str | Path,
+                   split: str) -> tuple[str, str, np.ndarray, np.ndarray]:
+    """(split, source stem, N×H×W images, N labels) of one IDX pair, checked against each other."""
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DatasetError(f"{image_file}, {label_file}: expected N×H×W images and N labels")
+    if len(images) != len(labels):
+        raise DatasetError(f"{image_file}: {len(images)} images but {label_file} has {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.dtype.kind not in "iu"):
+        raise DatasetError(f"{label_file}: labels must be non-negative integers")
+    return split, Path(image_file).name.split("-")[0].split(".")[0], images, labels
+
+
 def import_idx(
     image_files: Sequence[str | Path],
     label_files: Sequence[str | Path],
@@ -250,26 +279,9 @@ def import_idx(
     Returns:
         The number of images written.
     """
-    if len(image_files) != len(label_files) or not image_files:
-        raise DatasetError("give the same number (at least one) of --images and --labels files")
-    if splits is not None and len(splits) != len(image_files):
-        raise DatasetError(f"give one split per --images file: {len(image_files)} files, {len(splits)} splits")
-    splits = list(splits) if splits is not None else [idx_split(path) for path in image_files]
-    for split in splits:
-        if split not in SPLIT_FOLDERS:
-            raise DatasetError(f"split {split!r} is not one of {', '.join(SPLIT_FOLDERS)}")
-    if "train" not in splits:
-        raise DatasetError(f"no training file among {', '.join(map(str, image_files))} (splits: {', '.join(splits)})")
-    pairs = []
-    for image_file, label_file, split in zip(image_files, label_files, splits, strict=True):
-        images, labels = read_idx(image_file), read_idx(label_file)
-        if images.ndim != 3 or labels.ndim != 1:
-            raise DatasetError(f"{image_file}, {label_file}: expected N×H×W images and N labels")
-        if len(images) != len(labels):
-            raise DatasetError(f"{image_file}: {len(images)} images but {label_file} has {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.dtype.kind not in "iu"):
-            raise DatasetError(f"{label_file}: labels must be non-negative integers")
-        pairs.append((split, Path(image_file).name.split("-")[0].split(".")[0], images, labels))
+    splits = _idx_splits(image_files, label_files, splits)
+    pairs = [_read_idx_pair(image_file, label_file, split)
+             for image_file, label_file, split in zip(image_files, label_files, splits, strict=True)]
     top = max(int(labels.max(initial=0)) for *_, labels in pairs)
     if class_names is not None and len(class_names) <= top:
         raise DatasetError(f"{len(class_names)} class names given but labels go up to {top}")

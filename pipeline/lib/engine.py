@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.common.errors import UserError
+from pipeline.common.metrics import EpochStats, SplitScores
 from pipeline.lib.config import TrainParams
 from pipeline.lib.loader import batches, to_input
 from pipeline.lib.progress import progress as progress_bar
@@ -40,16 +41,6 @@ class Context:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
-
-
-# Values written to committed files (metrics/, plots/) keep 4 decimals: float sums differ in the
-# last bits between CPUs of the same kind (vector width, thread count), and at 6 decimals a
-# fresh clone's run rewrote tracked metrics (val_loss 0.086513 -> 0.086514). MLflow keeps full precision.
-METRIC_DECIMALS = 4
-
-
-def round_metric(value: float) -> float:
-    return round(float(value), METRIC_DECIMALS)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -102,7 +93,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_
 def train_one_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
                     optimizer: torch.optim.Optimizer, scheduler, ctx: Context, p: TrainParams,
                     generator: torch.Generator, progress: bool = True,
-                    on_step: Callable[[float, int], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[float, int], None] | None = None) -> EpochStats:
     """One pass over ``order``; returns loss, accuracy, images/s, data-wait share, seconds.
 
     ``on_step(seconds, images)`` sees every step (the thread pacer).
@@ -138,13 +129,13 @@ def train_one_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, or
                 on_step(time.perf_counter() - tick, len(y))
             tick = time.perf_counter()
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-            "images_per_s": seen / seconds, "data_wait": wait / seconds, "epoch_seconds": seconds}
+    return EpochStats(train_loss=loss_sum / seen, train_accuracy=correct / seen, images_per_s=seen / seconds,
+                      data_wait=wait / seconds, epoch_seconds=seconds)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, ctx: Context,
-             batch_size: int = 256) -> dict[str, float]:
+             batch_size: int = 256) -> SplitScores:
     """Loss, top-1 and top-k (k = min(5, classes)) accuracy on a split."""
     model.eval()
     loss_sum = top1 = top5 = 0.0
@@ -159,7 +150,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, ctx: Cont
             top1 += (ranked[:, 0] == y).sum().item()
             top5 += (ranked == y[:, None]).any(1).sum().item()
     n = max(len(labels), 1)
-    return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n}
+    return SplitScores(loss=loss_sum / n, top1=top1 / n, top5=top5 / n)
 
 
 @torch.no_grad()

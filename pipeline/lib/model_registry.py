@@ -17,23 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ContractError, ModelCard
-from pipeline.common.cpus import usable_cpus
 from pipeline.common.errors import UserError
 from pipeline.common.files import replace_dir
 from pipeline.lib import tracking
+from pipeline.lib.onnx_checks import cpu_session
 
 log = logging.getLogger(__name__)
 ARTIFACT_NAME = "deployable"  # the logged model's name inside the run
-
-
-def cpu_session(path: str | Path):
-    """An onnxruntime session on the CPU (checks and signatures; serving picks its own provider),
-    with one intra-op thread per usable CPU (onnxruntime's default counts the machine's cores)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = usable_cpus()
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def register(folder: Path, card: ModelCard, example: np.ndarray, experiment: str) -> str:

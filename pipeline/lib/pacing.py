@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from pipeline.common.cpus import train_thread_ceiling, train_threads
+
 log = logging.getLogger(__name__)
 
 WINDOW = 5  # steps per median: one slow step is noise, five are a trend
@@ -69,9 +71,8 @@ class ThreadPacer:
 
     def __init__(self, setting: int | str, usable: int, world: int = 1) -> None:
         self.adaptive = setting == "adaptive"
-        most = max(1, usable // world)
-        self.threads = most if self.adaptive or not setting else max(1, int(setting) // world)
-        self.candidates = candidate_counts(most)
+        self.threads = train_threads(setting, usable, world)  # adaptive starts at the ceiling
+        self.candidates = candidate_counts(train_thread_ceiling(usable, world))
         self.warned = False
         self.epoch = 0
         self._seconds_per_image: list[float] = []

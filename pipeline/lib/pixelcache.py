@@ -8,7 +8,7 @@ file's pixels depend only on its bytes, the parameters and the code, which toget
 Layout of the cache folder (``.cache/preprocess/`` by default, outside DVC's outputs):
 
 ``<key>/``
-    the last run with one parameter set (key = hash of size, channels, max_pixels, images.py and
+    the last run with one parameter set (key = hash of image_size, channels, max_pixels, images.py and
     the Pillow version): ``{split}_images.npy`` are hard links to that run's output arrays, so
     they cost no disk while the outputs or DVC's cache (which links the same inode) exist;
     ``index.npy`` (sha256, split, row) and ``sums.npy`` (exact per-channel pixel sums per row,
@@ -128,8 +128,8 @@ class PixelCache:
         return self.gray.get(digest)
 
     # ------------------------------------------------------------------------- decoded images
-    def key(self, size: int, channels: int, max_pixels: int) -> str:
-        spec = {"size": size, "channels": channels, "max_pixels": max_pixels, "code": self.code}
+    def key(self, image_size: int, channels: int, max_pixels: int) -> str:
+        spec = {"image_size": image_size, "channels": channels, "max_pixels": max_pixels, "code": self.code}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def load(self, key: str, item_shape: tuple[int, ...]) -> None:

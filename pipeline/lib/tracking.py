@@ -1,4 +1,4 @@
-"""MLflow plumbing: tracking URI, the run that train opens and later stages rejoin, tags.
+"""MLflow plumbing: tracking URI, the run that train opens and later stages rejoin, retries.
 
 One run per pipeline execution: ``train`` opens it and writes its id to a file; ``evaluate``
 and ``export`` log into the same run through that id. MLflow is imported lazily so that
@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -201,81 +199,6 @@ def run_name() -> str:
     return os.environ.get("DVC_EXP_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def _git(*args: str, cwd: str | Path | None = None) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=cwd).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def _entry_paths(entries: object) -> list[str]:
-    """Paths of a dvc.yaml ``outs``/``metrics``/``plots`` list: plain strings or one-key mappings."""
-    paths: list[str] = []
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, str):
-            paths.append(entry)
-        elif isinstance(entry, dict):
-            paths.extend(str(key) for key in entry)
-    return paths
-
-
-def dvc_owned_paths(root: str | Path) -> list[str]:
-    """Repository paths DVC writes: every stage's outs, metrics and plots in ``root/dvc.yaml``,
-    the top-level plots, ``dvc.lock`` and the ``.dvc`` files (``dvc commit`` rewrites them)."""
-    import yaml
-
-    root = Path(root)
-    try:
-        pipeline = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        pipeline = {}
-    paths = ["dvc.lock"]
-    for stage in (pipeline.get("stages") or {}).values():
-        for kind in ("outs", "metrics", "plots"):
-            paths += _entry_paths((stage or {}).get(kind))
-    paths += _entry_paths(pipeline.get("plots"))  # an id that names no file excludes nothing
-    return paths
-
-
-def git_dirty(root: str | Path | None = None) -> bool:
-    """Tracked files differ from the commit, ignoring what DVC owns.
-
-    ``dvc repro`` deletes a stage's outputs (``metrics/train.json``, ``plots/train.json``) before
-    running it, and rewrites ``dvc.lock`` and ``.dvc`` files: none of that is a source edit, and a
-    clean checkout under ``dvc repro`` must be tagged clean.
-    """
-    top = _git("rev-parse", "--show-toplevel", cwd=root)
-    if not top:
-        return False
-    excluded = [f":(top,exclude){path.strip('/')}" for path in dvc_owned_paths(top)]
-    excluded.append(":(top,exclude,glob)**/*.dvc")
-    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excluded, cwd=top))
-
-
-def file_md5(path: str | Path) -> str:
-    """The md5 a ``.dvc`` file records for its output (the data version), or "" if absent."""
-    path = Path(path)
-    if not path.exists():
-        return ""
-    import yaml
-
-    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
-    return str(outs[0].get("md5", ""))
-
-
-def source_tags() -> dict[str, str]:
-    """Git commit and dirty flag, data version, DVC experiment name and baseline."""
-    tags = {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": str(git_dirty()).lower(),
-        "data_md5": file_md5("data.dvc"),
-    }
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        tags["dvc_exp_baseline_rev"] = os.environ.get("DVC_EXP_BASELINE_REV", "")
-    return tags
-
-
 @contextlib.contextmanager
 def run(experiment: str, run_id: str | None = None, name: str | None = None) -> Iterator[object]:
     """Start (or resume, given ``run_id``) a run that never stays RUNNING.
@@ -316,10 +239,6 @@ def read_run_id(path: str | Path) -> str:
     if not path.exists():
         raise UserError(f"{path}: no MLflow run id; run the train stage first (dvc repro train)")
     return path.read_text().strip()
-
-
-def fingerprint(*parts: str) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ describing it later (export writes it into the ONNX files and the registry).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,11 +16,14 @@ from models import build_model
 from pipeline.common.contract import ModelCard
 from pipeline.common.errors import UserError
 from pipeline.common.files import write_atomic
+from pipeline.common.metrics import BestEpoch
 
 
-def save_trained(path: str | Path, state_dict: dict[str, torch.Tensor], card: ModelCard, **extra) -> None:
-    """Weights, the card (as plain data, so ``weights_only`` loading works) and ``extra`` info."""
-    obj = {"model": state_dict, "card": card.model_dump(), **extra}
+def save_trained(path: str | Path, state_dict: dict[str, torch.Tensor], card: ModelCard, best: BestEpoch,
+                 params: dict[str, Any]) -> None:
+    """Weights, the card, the epoch they are from and the run's params (``Params.flat()``), all as
+    plain data so that ``weights_only`` loading works."""
+    obj = {"model": state_dict, "card": card.model_dump(), "best": best.plain(), "params": params}
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
