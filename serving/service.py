@@ -131,7 +131,8 @@ class Classifier:
         if sum(pixels) > SETTINGS.max_batch_pixels:
             raise PayloadTooLarge(f"images: {sum(pixels)} decoded pixels in all, over the limit of "
                                   f"{SETTINGS.max_batch_pixels} (SERVING_MAX_BATCH_PIXELS)")
-        arrays = [await self._in_pool(uploads.decode_upload, data, f"images[{i}]", self.image_size, self.channels, SETTINGS)
+        arrays = [await self._in_pool(uploads.decode_upload, data, f"images[{i}]", self.image_size, self.channels,
+                                      SETTINGS)
                   for i, data in enumerate(images)]  # one at a time: a heavy batch takes turns with the others
         probabilities = await asyncio.to_thread(self._probabilities, np.stack(arrays))
         return BatchPredictions(model=self.info.model, version=self.info.version,
