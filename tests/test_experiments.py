@@ -10,7 +10,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -21,7 +20,7 @@ from PIL import Image
 from pipeline import compare
 from pipeline.common.contract import ModelCard
 from pipeline.lib import tracking
-from tests.conftest import copy_project, pattern_image, sh, tool_env
+from tests.conftest import copy_project, pattern_image, run_queue, sh, tool_env
 
 TINY = {
     "preprocess": {"size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
@@ -155,51 +154,14 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
         assert labels and labels == sorted(set(labels)) and max(labels) < len(card.classes)
 
 
-def _queue_idle(repo: Path, env: dict[str, str]) -> bool:
-    status = sh(repo, "dvc", "queue", "status", env=env)
-    assert "Failed" not in status, status
-    return not any(word in status for word in ("Queued", "Running"))
-
-
-def _stop_workers(repo: Path, env: dict[str, str]) -> None:
-    """Ask the queue's celery workers to stop; kill (by pid) those of this repo that linger."""
-    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=60)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if not _worker_pids(repo):
-            return
-        time.sleep(1)
-    for pid in _worker_pids(repo):
-        os.kill(pid, 9)
-
-
-def _worker_pids(repo: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"queue-worker" in cmdline and Path(os.readlink(proc / "cwd")) == repo:
-                pids.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
 def test_queued_experiments_in_parallel(tmp_path):
     """Two queued experiments, two workers, default store location: one intact store in the repo root."""
     env = _env()
     repo = make_project(tmp_path / "repo", env).resolve()
     baseline = _head(repo, env)
-    try:
-        sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=env)
-        sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=env)
-        sh(repo, "dvc", "queue", "start", "-j", "2", env=env)
-        deadline = time.monotonic() + 300
-        while not _queue_idle(repo, env):
-            assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status", env=env)
-            time.sleep(3)
-    finally:
-        _stop_workers(repo, env)
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=env)
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=env)
+    run_queue(repo, env, workers=2, timeout_s=300)
     names = _exp_names(repo, env)
     assert len(names) == 2, names
     store = repo / "mlflow.db"  # DVC_ROOT, not the .dvc/tmp/exps copy the stages ran in
