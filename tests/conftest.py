@@ -46,6 +46,17 @@ def pattern_image(label: int, rng: np.random.Generator, size: int = 32) -> np.nd
     return image
 
 
+def write_pattern_folder(root: Path, per_class: int, file_name: str = "{i}.png") -> Path:
+    """Write ``root/c<label>/<file_name>`` for 3 classes × ``per_class`` :func:`pattern_image` PNGs
+    (32 px, one seeded generator in class order, so the same call writes the same bytes)."""
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (root / f"c{label}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(pattern_image(label, rng)).save(root / f"c{label}" / file_name.format(i=i))
+    return root
+
+
 def write_image_folder(
     root: Path, classes: int = 3, per_class: int = 30, side: int = 12, start: int = 0, seed: int = 0
 ) -> Path:

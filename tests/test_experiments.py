@@ -15,12 +15,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import compare
 from pipeline.common.contract import ModelCard
 from pipeline.lib import tracking
-from tests.conftest import copy_project, pattern_image, run_queue, sh, tool_env
+from tests.conftest import copy_project, run_queue, sh, tool_env, write_pattern_folder
 
 TINY = {
     "preprocess": {"size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
@@ -40,11 +39,7 @@ def _env(**extra: str) -> dict[str, str]:
 def make_project(dest: Path, env: dict[str, str]) -> Path:
     """A committed copy of the project, tiny params, 3 classes × 30 patterned 32 px PNGs in DVC."""
     copy_project(dest, TINY)
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (dest / "data" / f"c{label}").mkdir(parents=True)
-        for i in range(30):
-            Image.fromarray(pattern_image(label, rng)).save(dest / "data" / f"c{label}" / f"{i:02d}.png")
+    write_pattern_folder(dest / "data", per_class=30, file_name="{i:02d}.png")
     sh(dest, "dvc", "add", "-q", "data", env=env)
     sh(dest, "git", "add", "-A", env=env)
     sh(dest, "git", "commit", "-q", "-m", "tiny data", env=env)

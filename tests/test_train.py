@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from pipeline import train as train_stage
 from pipeline.common.contract import Manifest
@@ -24,7 +23,7 @@ from pipeline.lib import engine
 from pipeline.lib.config import Params, PreprocessParams, TrainParams
 from pipeline.lib.trained import load_trained
 from pipeline.preprocess import preprocess_folder
-from tests.conftest import free_port, pattern_image, stop_process_group
+from tests.conftest import free_port, stop_process_group, write_pattern_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -35,11 +34,7 @@ TINY_TRAIN = TrainParams(model="lenet5", epochs=3, batch_size=16, lr=0.05, warmu
 def tiny_data(tmp_path_factory) -> Path:
     """Three classes × 40 images at 32 px, preprocessed."""
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (root / "data" / f"c{label}").mkdir(parents=True)
-        for i in range(40):
-            Image.fromarray(pattern_image(label, rng)).save(root / "data" / f"c{label}" / f"{i}.png")
+    write_pattern_folder(root / "data", per_class=40)
     preprocess_folder(root / "data", root / "pre", PreprocessParams(size=32, val_fraction=0.2,
                                                                      test_fraction=0.2, workers=1), seed=0)
     return root / "pre"
