@@ -61,6 +61,11 @@ plots: setup
 test: setup
 	python -m pytest --durations=15
 
+# The fast tier: everything but the end-to-end tests marked slow; under 2 minutes on 2 cores.
+.PHONY: test-fast
+test-fast: setup
+	python -m pytest -m "not slow" --durations=10
+
 lint: setup
 	ruff check .
 

@@ -1,15 +1,20 @@
-"""Shared fixtures: small synthetic image folders and broken image files."""
+"""Shared fixtures and helpers: image folders, broken files, project copies, processes, a PostgreSQL server."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,17 @@ def pattern_image(label: int, rng: np.random.Generator, size: int = 32) -> np.nd
     else:
         image[8 + offset:20 + offset, 8:20] = 230
     return image
+
+
+def write_pattern_folder(root: Path, per_class: int, file_name: str = "{i}.png") -> Path:
+    """Write ``root/c<label>/<file_name>`` for 3 classes × ``per_class`` :func:`pattern_image` PNGs
+    (32 px, one seeded generator in class order, so the same call writes the same bytes)."""
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (root / f"c{label}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(pattern_image(label, rng)).save(root / f"c{label}" / file_name.format(i=i))
+    return root
 
 
 def write_image_folder(
@@ -195,3 +211,124 @@ def add_dataset(repo: Path, classes: int = 3, per_class: int = 20, side: int = 1
     sh(repo, "dvc", "add", "data", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "data")
+
+
+# ----------------------------------------------------------------------------- processes
+def free_port() -> int:
+    """A localhost TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and everything it started (its
+    group), then SIGKILL the group if it is still there after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# ----------------------------------------------------------------------------- dvc queue
+def queue_idle(repo: Path, env: dict[str, str]) -> bool:
+    """True when ``dvc queue status`` shows nothing queued or running; fails on a failed task."""
+    status = sh(repo, "dvc", "queue", "status", env=env)
+    assert "Failed" not in status, status
+    return not any(word in status for word in ("Queued", "Running"))
+
+
+def run_queue(repo: Path, env: dict[str, str], workers: int, timeout_s: float,
+              start: tuple[str, dict[str, str]] | None = None) -> None:
+    """``dvc queue start -j workers``, wait until the queue is idle, stop the workers in any case.
+
+    ``start``: the dvc executable and environment that start the workers (default: ``dvc`` in ``env``).
+    """
+    dvc, start_env = start or ("dvc", env)
+    try:
+        sh(repo, dvc, "queue", "start", "-j", str(workers), env=start_env)
+        deadline = time.monotonic() + timeout_s
+        while not queue_idle(repo, env):
+            assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status", env=env)
+            time.sleep(3)
+    finally:
+        stop_queue_workers(repo, env)
+
+
+def stop_queue_workers(repo: Path, env: dict[str, str]) -> None:
+    """Ask the queue's celery workers to stop; kill (by pid) those of this repo that linger."""
+    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not queue_worker_pids(repo):
+            return
+        time.sleep(1)
+    for pid in queue_worker_pids(repo):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def queue_worker_pids(repo: Path) -> list[int]:
+    """The dvc queue workers running in ``repo``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"queue-worker" in cmdline and Path(os.readlink(proc / "cwd")) == repo:
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+def postgresql_bin() -> Path:
+    """The newest server binaries of Debian's ``postgresql`` package (.ci/run installs it)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name))
+    assert found, "no PostgreSQL server in /usr/lib/postgresql/*/bin: apt-get install postgresql (.ci/run does)"
+    return found[-1].parent
+
+
+@contextlib.contextmanager
+def postgresql_server() -> Iterator[str]:
+    """A real PostgreSQL server in a temporary folder on a free localhost port, database ``mlflow``
+    owned by user ``mlflow`` (trust authentication, localhost only); stopped and deleted after.
+
+    Yields:
+        its SQLAlchemy URI, ``postgresql://mlflow@127.0.0.1:<port>/mlflow``.
+    """
+    bin_dir = postgresql_bin()
+    # Not under pytest's tmp_path: that is private to the user running the tests (0700), and as
+    # root the server must run as the package's `postgres` user, since postgres refuses root.
+    home = Path(tempfile.mkdtemp(prefix="cnn-mlops-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(home, "postgres")
+    data, port = home / "data", free_port()
+    try:
+        sh(home, *as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
+           "--encoding=UTF8", "--no-locale", "--no-sync")
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {home} -c fsync=off"
+        started = subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(home / "server.log"),
+                                  "-o", options, "-w", "-t", "120", "start"], cwd=home, capture_output=True, text=True)
+        log = (home / "server.log").read_text() if (home / "server.log").exists() else ""
+        assert started.returncode == 0, f"pg_ctl start failed:\n{started.stdout}{started.stderr}{log[-3000:]}"
+        try:
+            sh(home, str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow")
+            yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        finally:
+            sh(home, *as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgresql() -> Iterator[str]:
+    """:func:`postgresql_server` for one test module: its URI."""
+    with postgresql_server() as uri:
+        yield uri

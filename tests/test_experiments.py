@@ -10,18 +10,16 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import compare
 from pipeline.common.contract import ModelCard
 from pipeline.lib import tracking
-from tests.conftest import BIN, copy_project, pattern_image, sh, tool_env
+from tests.conftest import BIN, copy_project, run_queue, sh, tool_env, write_pattern_folder
 
 TINY = {
     "preprocess": {"image_size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
@@ -41,11 +39,7 @@ def _env(**extra: str) -> dict[str, str]:
 def make_project(dest: Path, env: dict[str, str]) -> Path:
     """A committed copy of the project, tiny params, 3 classes × 30 patterned 32 px PNGs in DVC."""
     copy_project(dest, TINY)
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (dest / "data" / f"c{label}").mkdir(parents=True)
-        for i in range(30):
-            Image.fromarray(pattern_image(label, rng)).save(dest / "data" / f"c{label}" / f"{i:02d}.png")
+    write_pattern_folder(dest / "data", per_class=30, file_name="{i:02d}.png")
     sh(dest, "dvc", "add", "-q", "data", env=env)
     sh(dest, "git", "add", "-A", env=env)
     sh(dest, "git", "commit", "-q", "-m", "tiny data", env=env)
@@ -160,36 +154,6 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
     assert client.get_model_version_by_alias("cnn-classifier", "champion").run_id == runs["fast"].info.run_id
 
 
-def _queue_idle(repo: Path, env: dict[str, str]) -> bool:
-    status = sh(repo, "dvc", "queue", "status", env=env)
-    assert "Failed" not in status, status
-    return not any(word in status for word in ("Queued", "Running"))
-
-
-def _stop_workers(repo: Path, env: dict[str, str]) -> None:
-    """Ask the queue's celery workers to stop; kill (by pid) those of this repo that linger."""
-    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=60)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if not _worker_pids(repo):
-            return
-        time.sleep(1)
-    for pid in _worker_pids(repo):
-        os.kill(pid, 9)
-
-
-def _worker_pids(repo: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"queue-worker" in cmdline and Path(os.readlink(proc / "cwd")) == repo:
-                pids.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
 @pytest.mark.timeout(600)  # two whole experiments plus the queue's start-up, on 2 shared cores
 def test_queued_experiments_in_parallel(tmp_path):
     """Two queued experiments, two workers, default store location: one intact store in the repo root.
@@ -204,16 +168,9 @@ def test_queued_experiments_in_parallel(tmp_path):
     fresh_shell = {**env, "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)}
     fresh_shell.pop("VIRTUAL_ENV", None)
     baseline = _head(repo, env)
-    try:
-        sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=fresh_shell)
-        sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=fresh_shell)
-        sh(repo, "bin/dvc", "queue", "start", "-j", "2", env=fresh_shell)
-        deadline = time.monotonic() + 300
-        while not _queue_idle(repo, env):
-            assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status", env=env)
-            time.sleep(3)
-    finally:
-        _stop_workers(repo, env)
+    sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=fresh_shell)
+    sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=fresh_shell)
+    run_queue(repo, env, workers=2, timeout_s=300, start=("bin/dvc", fresh_shell))
     names = _exp_names(repo, env)
     assert len(names) == 2, names
     store = repo / "mlflow.db"  # DVC_ROOT, not the .dvc/tmp/exps copy the stages ran in

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import sys
+import termios
 import threading
 import traceback
+import tty
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -91,24 +98,35 @@ class InterruptedModel(torch.nn.Module):
         return self.linear(x.flatten(1))
 
 
-class TerminalBar:
-    """Walks its iterable like tqdm does when it draws a bar (on a terminal): a plain ``for``
-    that, unlike the disabled bar's ``yield from``, does not close the iterable when closed."""
+def terminal_stderr(monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """Make ``sys.stderr`` a real terminal (a pty in raw mode, so what is read is what was written);
+    returns a function giving everything drawn on it so far."""
+    master, replica = pty.openpty()
+    tty.setraw(replica)
+    termios.tcsetwinsize(replica, (24, 80))  # tqdm draws nothing on a 0-row terminal, a fresh pty's size
+    terminal = os.fdopen(replica, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    end = "\0end of test output\0"
 
-    def __init__(self, iterable, **kwargs) -> None:
-        self.iterable = iterable
+    def drawn() -> str:
+        terminal.write(end)  # a pty passes data on asynchronously: read up to a marker, not "what is there now"
+        terminal.flush()
+        output = ""
+        while not output.endswith(end):
+            output += os.read(master, 1 << 16).decode(errors="replace")
+        os.close(master)
+        terminal.close()
+        return output[: -len(end)]
 
-    def __iter__(self):
-        for item in self.iterable:  # noqa: UP028 (the point: not `yield from`)
-            yield item
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
+    return drawn
 
 
 @pytest.mark.timeout(20)
 def test_ctrl_c_in_a_training_step_ends_the_loader_thread(monkeypatch, loader_threads):
-    monkeypatch.setattr("tqdm.tqdm", TerminalBar)
+    # On a terminal the epoch's progress is tqdm's drawn bar, which walks the loader with a plain
+    # `for` and, unlike the disabled bar's `yield from`, does not close it when it is closed
+    # itself: the engine has to end the loader thread on its own.
+    drawn = terminal_stderr(monkeypatch)
     images, labels = arrays(n=256)
     model = InterruptedModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -116,7 +134,9 @@ def test_ctrl_c_in_a_training_step_ends_the_loader_thread(monkeypatch, loader_th
     ctx = engine.Context.for_device(torch.device("cpu"), [0.5], [0.25])
     with pytest.raises(KeyboardInterrupt) as caught:
         engine.train_one_epoch(model, images, labels, np.arange(256), optimizer, scheduler, ctx,
-                               TrainParams(batch_size=4), torch.Generator(), progress=False)
+                               TrainParams(batch_size=4), torch.Generator(), progress=True)
+    output = drawn()
+    assert "train:" in output and "\r" in output and re.search(r"batch/s|s/batch", output), output  # a bar, redrawn
     # The traceback (held here, as a caller that logs or retries would) keeps train_one_epoch's
     # frame alive; the thread must be gone anyway.
     assert caught.value.__traceback__ is not None

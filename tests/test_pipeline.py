@@ -95,8 +95,13 @@ def test_onnx_runtime_matches_pytorch_on_the_test_split(repo: Path):
                                    providers=["CPUExecutionProvider"])
     onnx_logits, probabilities = session.run(None, {"image": images})
     torch_logits = predict_logits(model, images, card.mean, card.std)
-    assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
-    np.testing.assert_array_equal(onnx_logits.argmax(1), torch_logits.argmax(1))
+    tolerance = 1e-4
+    assert np.abs(onnx_logits - torch_logits).max() <= tolerance
+    # The same predicted class, except for an image whose two top logits lie within rounding of
+    # each other: there either class is right, and which one wins depends on the CPU's kernels.
+    top2 = np.sort(torch_logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
+    np.testing.assert_array_equal(onnx_logits.argmax(1)[clear], torch_logits.argmax(1)[clear])
     np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(torch_logits), 1).numpy(), atol=1e-5)
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import re
-import time
 
 import numpy as np
 import pytest
 
 from pipeline.lib.progress import progress
 
-LINE = re.compile(r"work: (\d+)/6 img \((\d+)%\), .*img/s, elapsed \d\d:\d\d, ETA (\d\d:\d\d|\?)(, .*)?")
+# tqdm writes the rate as items/s, or s/item when an item takes over a second (a busy machine)
+RATE = r"(?:\?|[\d.]+){unit}/s|[\d.]+s/{unit}"
+LINE = re.compile(rf"work: (\d+)/6 img \((\d+)%\), +(?:{RATE.format(unit='img')}), elapsed \d\d:\d\d, "
+                  r"ETA (\d\d:\d\d|\?)(, .*)?")
 
 
 def test_a_log_gets_whole_lines_with_count_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,14 +31,29 @@ def test_a_log_gets_whole_lines_with_count_rate_and_eta(monkeypatch: pytest.Monk
     assert lines[-1].endswith("ETA 00:00, loss=0.167")
 
 
+class Clock:
+    """The time tqdm reads, moved by the test: each step takes exactly what the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_lines_come_at_the_interval_not_at_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CNN_PROGRESS_INTERVAL", "0.2")
+    monkeypatch.setenv("CNN_PROGRESS_INTERVAL", "1")
+    clock = Clock()
+    monkeypatch.setattr("tqdm.std.time", clock)  # the name a tqdm object takes its clock from
     stream = io.StringIO()
-    for _ in progress(range(30), total=30, desc="work", unit="img", stream=stream):
-        time.sleep(0.02)  # 0.6 s in all: about 3 interval lines, plus the first and the last
+    # 20 quarter-interval steps, one step of 3 intervals (reported at once, not 3 lines later), 9 more
+    steps = [0.25] * 20 + [3.0] + [0.25] * 9
+    for seconds in progress(steps, total=len(steps), desc="work", unit="img", stream=stream):
+        clock.now += seconds
     lines = stream.getvalue().splitlines()
-    assert 3 <= len(lines) <= 7, lines
-    assert lines[-1].startswith("work: 30/30 img (100%)")
+    counts = [int(re.match(r"work: (\d+)/30 img", line).group(1)) for line in lines]
+    assert counts == [0, 4, 8, 12, 16, 20, 21, 25, 29, 30], lines
+    assert lines[-1].startswith("work: 30/30 img (100%)") and "elapsed 00:10" in lines[-1]
 
 
 def test_disabled_prints_nothing() -> None:
@@ -64,5 +81,5 @@ def test_training_epoch_reports_progress_in_a_log(monkeypatch: pytest.MonkeyPatc
                     params, torch.Generator().manual_seed(0))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
     assert lines[0].startswith("train: 0/3 batch (0%)")
-    assert re.fullmatch(r"train: 3/3 batch \(100%\), .*batch/s, elapsed 00:\d\d, ETA 00:00, "
-                        r"acc=[\d.]+, loss=[\d.]+", lines[-1]), lines
+    assert re.fullmatch(rf"train: 3/3 batch \(100%\), +(?:{RATE.format(unit='batch')}), elapsed \d\d:\d\d, "
+                        r"ETA 00:00, acc=[\d.]+, loss=[\d.]+", lines[-1]), lines

@@ -310,16 +310,37 @@ def test_unsupported_layer_is_refused() -> None:
 
 
 # ----------------------------------------------------------------------------- degenerate inputs
-# VGG16's float64 oracle on 4 images × 11 targets: 12–25 s on 2 shared cores.
+# Two float32 implementations of one graph (PyTorch's kernels, ONNX Runtime's) differ only by the
+# order of their sums: a few ulp of a map's scale (at most ~10 seen, Intel and AMD AVX-512).
+# 256 ulp leaves room for other kernels; a tie broken the other way or a wrong rule moves a map
+# by a sizeable fraction of its scale, ~10^4 times more.
+FLOAT32_ULPS = 256
+
+
+def assert_float32_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """``actual`` within :data:`FLOAT32_ULPS` float32 ulps of each image's largest ``expected`` value."""
+    scale = np.abs(expected).reshape(len(expected), -1).max(axis=1).reshape(-1, *[1] * (expected.ndim - 1))
+    error = np.abs(actual - expected)
+    bound = FLOAT32_ULPS * np.finfo(np.float32).eps * scale
+    assert (error <= bound).all(), f"{what}: error {error.max():.3g} > {FLOAT32_ULPS} ulp of the scale"
+
+
 @pytest.mark.parametrize(
     "saliency_export", ["lenet5", pytest.param("vgg16", marks=pytest.mark.slow), "tiny"], indirect=True
 )
 def test_saliency_onnx_is_finite_on_degenerate_inputs(saliency_export) -> None:
     # Uniform images have no edges, so whole layers die or saturate together and Grad-CAM is all
-    # zero for many targets (seed 0: LeNet-5 17 of 33 uniform maps, VGG16 grey/3 and noise/7,
-    # TinyNet 7). saliency.onnx once divided 0/0 there, because the exporter's optimizer dropped
-    # the `+ 1e-8` of `cam / (max + 1e-8)`. Every target and -1, against the float64 oracle.
-    case, _, model64, session, _ = saliency_export
+    # zero for many targets (seed 0: LeNet-5 17 of 33 uniform maps, TinyNet 7). saliency.onnx
+    # once divided 0/0 there, because the exporter's optimizer dropped the `+ 1e-8` of
+    # `cam / (max + 1e-8)`. Every target and -1.
+    #
+    # The reference is the exported graph itself run by PyTorch in float32, not the float64
+    # oracle: on a flat image every position ties, and which side of a tie or a ReLU kink float32
+    # lands on depends on the CPU's kernels (an AMD EPYC's float32 gradient had cosine 0.91 to
+    # float64's on the white image, while ONNX matched float32 PyTorch bit for bit). The backward
+    # rules themselves are checked in float64 and on ordinary images by the tests above.
+    case, model, _, session, _ = saliency_export
+    graph = SaliencyGraph(fold_adaptive_pool(model, case.size), case.mean, case.std, case.size)
     targets = torch.arange(-1, case.classes)
     zero_cams = []
     for name, single in degenerate_inputs(case.channels, case.size).items():
@@ -330,15 +351,14 @@ def test_saliency_onnx_is_finite_on_degenerate_inputs(saliency_export) -> None:
         guided_gradcam = outputs[2] * outputs[3][:, None]  # what the service shows as guided Grad-CAM
         assert np.isfinite(guided_gradcam).all(), f"{name} image: guided*gradcam not finite"
 
-        expected = reference_maps(model64, image, targets, case)
-        np.testing.assert_allclose(outputs[0], expected[0].numpy(), rtol=0, atol=1e-4)
-        for what, actual, ref in zip(SALIENCY_OUTPUTS[1:], outputs[1:], expected[1:], strict=True):
-            # No tie or kink allowance: flat images tie exactly in float32 and float64 alike.
-            cosine, rel_l2 = map_errors(actual, ref, f"{name} image: {what}")
-            assert (cosine >= 0.9999).all() and (rel_l2 <= 1e-2).all(), f"{name} image: {what}: {cosine=} {rel_l2=}"
-        zero = (expected[3].flatten(1) == 0).all(dim=1)
-        assert not outputs[3][zero.numpy()].any(), f"{name} image: an all-zero Grad-CAM is not zero in ONNX"
-        zero_cams += [(name, t) for t in targets[zero].tolist()]
+        with torch.no_grad():
+            expected = [t.numpy() for t in graph(image, targets)]
+        for what, actual, ref in zip(SALIENCY_OUTPUTS, outputs, expected, strict=True):
+            assert_float32_close(actual, ref, f"{name} image: {what}")
+        # An all-zero Grad-CAM stays exactly zero (no residue scaled up to 1, no 0/0).
+        zero = (expected[3].reshape(len(targets), -1) == 0).all(axis=1)
+        assert not outputs[3][zero].any(), f"{name} image: an all-zero Grad-CAM is not zero in ONNX"
+        zero_cams += [(name, t) for t in targets[torch.from_numpy(zero)].tolist()]
     # The case this test exists for: should a new seed or torch version stop producing all-zero
     # references, it fails here instead of silently no longer covering 0/0.
     assert zero_cams, f"{case.model}: no all-zero Grad-CAM reference among the degenerate inputs"

@@ -1,8 +1,9 @@
 """Team setup with real processes: one ``mlflow server`` and a DVC remote shared by several clones.
 
-The module starts one tracking server (SQLite backend, artifacts proxied into a local
-``--artifacts-destination``, MLflow's basic-auth app, so a wrong or missing password fails) and
-runs the tiny pipeline once against it with the password in ``MLFLOW_TRACKING_URI``. The tests
+The module starts one tracking server per backend store the README offers (SQLite, and a real
+PostgreSQL server started in a temporary folder), with artifacts proxied into a local
+``--artifacts-destination`` and MLflow's basic-auth app (so a wrong or missing password fails), and
+runs the tiny pipeline once against each with the password in ``MLFLOW_TRACKING_URI``. The tests
 then check the runs, artifacts and registry on the server, compare/promote/export-champion,
 ``make serve-champion``, a parallel ``dvc queue``, a ``dvc push``/``dvc pull`` round trip between
 clones, and that the password shows up nowhere.
@@ -13,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,11 +24,12 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+import sqlalchemy
 
 from pipeline import compare
 from pipeline.common.contract import CLASSIFIER_FILE, SALIENCY_FILE, ModelCard
 from pipeline.lib import model_registry as registry
-from tests.conftest import BIN, sh, tool_env
+from tests.conftest import BIN, free_port, run_queue, sh, stop_process_group, tool_env
 from tests.test_experiments import make_project
 
 pytestmark = pytest.mark.slow
@@ -37,12 +37,6 @@ pytestmark = pytest.mark.slow
 # of this file inside the project) and must never show up anywhere.
 USER, SECRET = "admin", f"team-{secrets.token_hex(8)}"
 MODEL = "cnn-classifier"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -53,6 +47,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Server:
+    backend: str  # "sqlite" or "postgresql"
+    store: str  # its --backend-store-uri
     home: Path
     port: int
     process: subprocess.Popen
@@ -69,23 +65,32 @@ class Server:
         return (self.home / "server.log").read_text()[-4000:]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Server:
-    """``mlflow server`` with basic auth on a free port; stopped (process group) at the end."""
-    home = tmp_path_factory.mktemp("mlflow-server")
+# Backend-agnostic tests (the DVC remote, `make serve-champion`) run against the SQLite server only.
+SQLITE_ONLY = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory) -> Server:
+    """``mlflow server`` with basic auth on a free port, on a SQLite file or a PostgreSQL server
+    (:func:`tests.conftest.postgresql_server`); stopped (process group) at the end."""
+    home = tmp_path_factory.mktemp(f"mlflow-server-{request.param}")
+    if request.param == "sqlite":
+        backend_store = f"sqlite:///{home / 'mlflow.db'}"
+    else:
+        backend_store = request.getfixturevalue("postgresql")
     (home / "auth.ini").write_text(
         f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{home / 'auth.db'}\n"
         f"admin_username = {USER}\nadmin_password = {SECRET}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = _free_port()
+    port = free_port()
     env = _env(MLFLOW_AUTH_CONFIG_PATH=str(home / "auth.ini"), MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-key")
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store,
            "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--app-name", "basic-auth"]
     with open(home / "server.log", "w") as log:
         process = subprocess.Popen(cmd, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    server = Server(home, port, process)
+    server = Server(request.param, backend_store, home, port, process)
     deadline = time.monotonic() + 240  # schema migrations and app import: slow on a busy machine
     try:
         while True:
@@ -99,12 +104,7 @@ def server(tmp_path_factory) -> Server:
                 time.sleep(0.5)
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
 
 
 @dataclass
@@ -162,6 +162,10 @@ def test_pipeline_tracks_and_registers_on_the_server(server, project, as_team_me
     assert {"training_curves.png", "confusion_matrix.png", "model.onnx", SALIENCY_FILE, "model_card.json"} <= stored
     for local_store in ("mlflow.db", "mlruns", "mlartifacts"):
         assert not (repo / local_store).exists(), f"{local_store}: the pipeline wrote a local store"
+    # ...and the server's backend store (a SQLite file or the PostgreSQL database) holds the run
+    with sqlalchemy.create_engine(server.store).connect() as db:
+        status = db.execute(sqlalchemy.text("SELECT status FROM runs WHERE run_uuid = :id"), {"id": run_id}).scalar()
+    assert status == "FINISHED", (server.backend, status)
 
     # the registry: one version from this run, with both ONNX files and the card
     (version,) = client.search_model_versions(f"name = '{MODEL}' and run_id = '{run_id}'")
@@ -181,6 +185,7 @@ def test_pipeline_tracks_and_registers_on_the_server(server, project, as_team_me
     assert (champion.mlflow_run_id, champion.version) == (run_id, version.version)
 
 
+@SQLITE_ONLY
 @pytest.mark.timeout(900)
 def test_make_serve_champion_serves_the_registry_champion(server, project, tmp_path):
     """``make serve-champion`` against the server: the served model is the champion version."""
@@ -194,7 +199,7 @@ def test_make_serve_champion_serves_the_registry_champion(server, project, tmp_p
     finally:
         for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             os.environ.pop(key)
-    port = _free_port()
+    port = free_port()
     venv = BIN.parent
     cmd = ["make", "-o", f"{venv}/.installed", "serve-champion", f"VENV={venv}", f"PORT={port}"]
     with open(tmp_path / "make.log", "w") as log:
@@ -217,39 +222,20 @@ def test_make_serve_champion_serves_the_registry_champion(server, project, tmp_p
         served = info.json()
         assert (served["mlflow_run_id"], served["version"]) == (run_id, version.version), served
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
     assert SECRET not in (tmp_path / "make.log").read_text()
-
-
-def _queue_idle(repo: Path, env: dict[str, str]) -> bool:
-    status = sh(repo, "dvc", "queue", "status", env=env)
-    assert "Failed" not in status, status
-    return not any(word in status for word in ("Queued", "Running"))
 
 
 @pytest.mark.timeout(1500)
 def test_queued_experiments_log_to_the_server(server, project, tmp_path):
     """``dvc queue start -j 2``: two FINISHED runs named after their experiments; then the
-    compare/promote/export-champion CLIs on them. Credentials in MLflow's own variables this time."""
-    from tests.test_experiments import _stop_workers
-
+    compare/promote/export-champion CLIs on them. Credentials in MLflow's own variables this time;
+    two workers write to the backend store at once."""
     repo = project.repo
     env = _env(MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=SECRET)
-    try:
-        sh(repo, "dvc", "exp", "run", "--queue", "-n", "fast", "-S", "train.lr=0.1", env=env)
-        sh(repo, "dvc", "exp", "run", "--queue", "-n", "slow", "-S", "train.lr=0.001", env=env)
-        sh(repo, "dvc", "queue", "start", "-j", "2", env=env)
-        deadline = time.monotonic() + 1200
-        while not _queue_idle(repo, env):
-            assert time.monotonic() < deadline, sh(repo, "dvc", "queue", "status", env=env)
-            time.sleep(3)
-    finally:
-        _stop_workers(repo, env)
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "fast", "-S", "train.lr=0.1", env=env)
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "slow", "-S", "train.lr=0.001", env=env)
+    run_queue(repo, env, workers=2, timeout_s=1200)
 
     client = mlflow.MlflowClient(server.url)
     os.environ.update(MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=SECRET)
@@ -287,6 +273,7 @@ def _identical(a: Path, b: Path) -> bool:
     return a.read_bytes() == b.read_bytes()
 
 
+@SQLITE_ONLY
 @pytest.mark.timeout(900)
 def test_dvc_remote_pull_gives_a_clone_everything(project, tmp_path):
     """Push (with the run cache) from the repo that ran; a fresh clone pulls and runs nothing;
@@ -295,7 +282,7 @@ def test_dvc_remote_pull_gives_a_clone_everything(project, tmp_path):
     repo = project.repo
     sh(repo, "dvc", "push", "--run-cache", env=_env())
     assert (project.remote / "runs").is_dir()  # the run cache travelled too
-    nowhere = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    nowhere = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
 
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone), env=nowhere)
@@ -344,7 +331,7 @@ def test_the_password_never_leaks(server, project, as_team_member):
         assert SECRET not in json.dumps([version.tags, version.source, version.run_link or ""])
 
     # failures print the store too: a dead server with the password in its URI
-    dead = _env(MLFLOW_TRACKING_URI=f"http://{USER}:{SECRET}@127.0.0.1:{_free_port()}",
+    dead = _env(MLFLOW_TRACKING_URI=f"http://{USER}:{SECRET}@127.0.0.1:{free_port()}",
                 MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     for cmd in (["pipeline.compare"], ["pipeline.lib.tracking", "init"]):
         done = subprocess.run([sys.executable, "-m", *cmd, "--params", str(project.repo / "params.yaml")],

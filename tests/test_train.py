@@ -6,10 +6,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from pipeline import train as train_stage
 from pipeline.common.contract import Manifest
@@ -28,7 +25,7 @@ from pipeline.lib.checkpoint import Checkpoint
 from pipeline.lib.config import Params, PreprocessParams, TrainParams
 from pipeline.lib.trained import load_trained
 from pipeline.preprocess import preprocess_folder
-from tests.conftest import pattern_image
+from tests.conftest import free_port, stop_process_group, write_pattern_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -39,11 +36,7 @@ TINY_TRAIN = TrainParams(model="lenet5", epochs=3, batch_size=16, lr=0.05, warmu
 def tiny_data(tmp_path_factory) -> Path:
     """Three classes × 40 images at 32 px, preprocessed."""
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (root / "data" / f"c{label}").mkdir(parents=True)
-        for i in range(40):
-            Image.fromarray(pattern_image(label, rng)).save(root / "data" / f"c{label}" / f"{i}.png")
+    write_pattern_folder(root / "data", per_class=40)
     preprocess_folder(root / "data", root / "pre", PreprocessParams(image_size=32, val_fraction=0.2,
                                                                      test_fraction=0.2, workers=1), seed=0)
     return root / "pre"
@@ -131,15 +124,33 @@ def _write_params(path: Path, train: TrainParams) -> Path:
     return path
 
 
+def _train_args(tmp: Path, data: Path, params: Path) -> list[str]:
+    return ["--data", str(data), "--out", str(tmp / "train"), "--checkpoint", str(tmp / "ckpt" / "last.pt"),
+            "--metrics", str(tmp / "metrics.json"), "--plots", str(tmp / "plots.json"), "--params", str(params),
+            "--no-progress"]
+
+
 def _train_cmd(tmp: Path, data: Path, params: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", "--data", str(data), "--out", str(tmp / "train"),
-            "--checkpoint", str(tmp / "ckpt" / "last.pt"), "--metrics", str(tmp / "metrics.json"),
-            "--plots", str(tmp / "plots.json"), "--params", str(params), "--no-progress"]
+    return [sys.executable, "-m", "pipeline.train", *_train_args(tmp, data, params)]
+
+
+def _start_paused(tmp: Path, data: Path, params: Path, epoch: int, **popen) -> subprocess.Popen:
+    """``pipeline.train`` (tests/paused_train.py) that stops at the start of ``epoch``; returns once
+    it has stopped there, so epoch - 1 is checkpointed and the run is still going."""
+    read, write = os.pipe()
+    env = {**popen.pop("env"), "PAUSE_AT_EPOCH": str(epoch), "PAUSE_FD": str(write)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_train.py"), *_train_args(tmp, data, params)],
+                            cwd=ROOT, env=env, pass_fds=(write,), **popen)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.readline()  # "" if the run ended first
+    assert said == "paused\n", f"the run ended before epoch {epoch} (exit status {proc.wait()})"
+    return proc
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_store):
-    train = TINY_TRAIN.model_copy(update=dict(epochs=6, batch_size=4))  # small batches: epochs long enough to kill in
+    train = TINY_TRAIN
     params = _write_params(tmp_path / "params.yaml", train)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     reference = subprocess.run(_train_cmd(tmp_path / "ref", tiny_data, params), env=env, cwd=ROOT,
@@ -148,15 +159,12 @@ def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_sto
 
     resumed = tmp_path / "resumed"
     checkpoint = resumed / "ckpt" / "last.pt"
-    proc = subprocess.Popen(_train_cmd(resumed, tiny_data, params), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the worst case
+    proc = _start_paused(resumed, tiny_data, params, epoch=2, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    proc.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up: the worst case
     proc.wait()
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= killed_at < train.epochs, "the run must be killed mid-way for this test to mean anything"
+    assert killed_at == 1
     assert not (resumed / "metrics.json").exists()
 
     rerun = subprocess.run(_train_cmd(resumed, tiny_data, params), env=env, cwd=ROOT, capture_output=True, text=True)
@@ -174,16 +182,13 @@ def test_killed_run_resumes_to_identical_metrics(tiny_data, tmp_path, mlflow_sto
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_is_marked_killed(tiny_data, tmp_path, mlflow_store, signum):
-    params = _write_params(tmp_path / "params.yaml", TINY_TRAIN.model_copy(update=dict(epochs=50, batch_size=4)))
+    params = _write_params(tmp_path / "params.yaml", TINY_TRAIN)
     # A shell's background job (`make test &`, some CI runners) inherits SIGINT ignored, and Python
     # then installs no KeyboardInterrupt handler: give the child the default disposition, as a
     # terminal's foreground job has.
-    proc = subprocess.Popen(_train_cmd(tmp_path, tiny_data, params), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    while not (tmp_path / "ckpt" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    proc = _start_paused(tmp_path, tiny_data, params, epoch=2, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
@@ -236,8 +241,7 @@ def test_ddp_two_cpu_processes_on_an_uneven_split(uneven_data, tmp_path, mlflow_
         _, stderr = proc.communicate(timeout=300)
     finally:  # a hang: end torchrun and its workers (its session), not just torchrun
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop_process_group(proc, grace_s=0)
     assert proc.returncode == 0, stderr[-3000:]
     assert TrainMetrics.read(tmp_path / "metrics.json").epochs == 2
     runs = mlflow.search_runs(experiment_names=["cnn-mlops"], output_format="list")
@@ -245,38 +249,36 @@ def test_ddp_two_cpu_processes_on_an_uneven_split(uneven_data, tmp_path, mlflow_
     assert len(mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "val_top1")) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_rank_ends_the_other_with_a_clear_message(tiny_data, tmp_path, mlflow_store):
     # Two ranks started by hand (as two machines' launchers would): no torchrun agent to tear
-    # the survivor down, so it has to notice by itself.
-    params = _write_params(tmp_path / "params.yaml", TINY_TRAIN.model_copy(update=dict(epochs=50, batch_size=4)))
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {**_torchrun_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen(_train_cmd(tmp_path, tiny_data, params), cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    survivor, victim = procs
+    # the survivor down, so it has to notice by itself. Rank 1 stops at the start of epoch 2
+    # (after the epoch-1 barrier, so rank 0 has written its checkpoint and waits for rank 1 in
+    # epoch 2's first all-reduce) and is killed there.
+    params = _write_params(tmp_path / "params.yaml", TINY_TRAIN)
+    port = free_port()
+
+    def rank_env(rank: int) -> dict[str, str]:
+        return {**_torchrun_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+
+    survivor = subprocess.Popen(_train_cmd(tmp_path, tiny_data, params), cwd=ROOT, env=rank_env(0), text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = None
     try:
-        deadline = time.time() + 240
-        while not (tmp_path / "ckpt" / "last.pt").exists() and survivor.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        victim = _start_paused(tmp_path, tiny_data, params, epoch=2, env=rank_env(1), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        assert (tmp_path / "ckpt" / "last.pt").exists()
         assert survivor.poll() is None, survivor.communicate()[1][-3000:]
         victim.kill()  # SIGKILL mid-training: no goodbye on the socket beyond the kernel closing it
         victim.wait()
         _, stderr = survivor.communicate(timeout=120)  # a hang fails here
     finally:
-        for proc in procs:
-            if proc.poll() is None:
+        for proc in (survivor, victim):
+            if proc is not None and proc.poll() is None:
                 proc.kill()
+                proc.wait()
     assert survivor.returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: rank 0 of 2: another training process failed or stopped answering"), last
