@@ -1,0 +1,165 @@
+"""What monitoring records about one answered image, and how unlike the training data it is.
+
+The service turns each answer into a feature record (:func:`feature_records`): top-k classes,
+input statistics, facts about the upload and the embedding ``classifier.onnx`` emits beside the
+probabilities. The export stage computes the same quantities on the validation split and stores
+them as ``reference.npz`` (:class:`Reference`), so ``python -m pipeline.monitor`` compares like
+with like, and every answer can carry an out-of-distribution score against the same reference.
+
+The OOD score is the Mahalanobis distance of the embedding to the nearest class mean under one
+shared (shrunk) covariance of the training split's embeddings (Lee et al., 2018, "A Simple
+Unified Framework for Detecting Out-of-Distribution Samples"): K×E×E multiply-adds per image,
+no extra graph, and unlike the softmax confidence it does not saturate on inputs far from every
+class. Its threshold is a percentile of the validation split's scores, stored in the card.
+
+numpy and Pillow only: it ships in the Bento.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.common.files import write_atomic
+
+TOP_K = 3  # classes per logged answer
+EMBEDDING_DECIMALS = 5  # logged precision: enough for distances, ~8 characters a value
+OOD_PERCENTILE = 99.0  # of the validation split's scores: the flag's threshold (~1 % false flags)
+
+
+@dataclass(frozen=True)
+class UploadFacts:
+    """What the upload was, read from its header (no decode): size in bytes, Pillow's format name, pixels."""
+
+    bytes: int
+    format: str = ""  # "" when Pillow cannot tell
+    width: int = 0
+    height: int = 0
+
+
+def upload_facts(blob: bytes) -> UploadFacts:
+    """:class:`UploadFacts` of an uploaded file; never raises (an unreadable file has format "")."""
+    try:
+        with Image.open(io.BytesIO(blob)) as img:  # lazy: reads the header only
+            return UploadFacts(len(blob), img.format or "", *img.size)
+    except Exception:  # noqa: BLE001 - facts are best effort; the decoder reports bad images
+        return UploadFacts(len(blob))
+
+
+def pixel_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each image's model input on a 0–1 scale.
+
+    Args:
+        pixels: uint8 (N, C, H, W), as ``classifier.onnx`` takes them.
+
+    Returns:
+        (mean (N,), std (N,)) as float64.
+    """
+    flat = pixels.reshape(len(pixels), -1).astype(np.float64) / 255
+    return flat.mean(axis=1), flat.std(axis=1)
+
+
+def mahalanobis_scores(embedding: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each row of ``embedding`` (N, E) to the nearest of ``means``
+    (K, E) under ``precision`` (E, E), the inverse shared covariance; returns (N,)."""
+    diffs = np.asarray(embedding, np.float64)[:, None, :] - means[None]  # (N, K, E)
+    return np.einsum("nke,ef,nkf->nk", diffs, precision, diffs).min(axis=1)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """``reference.npz``: the validation split as the model saw it, plus the OOD model.
+
+    Per reference image (N rows): ``embedding`` (N, E), ``predicted`` class, ``confidence`` (top
+    probability), ``mean_intensity`` and ``std_intensity`` (:func:`pixel_stats`), ``ood_score``.
+    The OOD model: class means ``ood_means`` (K, E) and the shared precision ``ood_precision``
+    (E, E), fitted on the training split; ``ood_threshold`` (:data:`OOD_PERCENTILE` of the
+    validation scores).
+    """
+
+    embedding: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    mean_intensity: np.ndarray
+    std_intensity: np.ndarray
+    ood_score: np.ndarray
+    ood_means: np.ndarray
+    ood_precision: np.ndarray
+    ood_threshold: float
+
+    def ood_scores(self, embedding: np.ndarray) -> np.ndarray:
+        """OOD scores of embeddings (N, E): higher is less like the training data."""
+        return mahalanobis_scores(embedding, self.ood_means, self.ood_precision)
+
+    def save(self, path: str | Path) -> Path:
+        arrays = {key: np.asarray(value) for key, value in asdict(self).items()}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+        return write_atomic(path, write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Reference:
+        """Read ``reference.npz``; ValueError naming the file and the missing array if incomplete."""
+        with np.load(path, allow_pickle=False) as data:
+            missing = [f.name for f in fields(cls) if f.name not in data.files]
+            if missing:
+                raise ValueError(f"{path}: not a monitoring reference (no {', '.join(missing)})")
+            values = {f.name: data[f.name] for f in fields(cls)}
+        values["ood_threshold"] = float(values["ood_threshold"])
+        return cls(**values)
+
+
+def feature_records(
+    probabilities: np.ndarray,
+    embedding: np.ndarray,
+    pixels: np.ndarray,
+    classes: Sequence[str],
+    reference: Reference | None,
+    uploads: Sequence[UploadFacts | None] | None = None,
+    top_k: int = TOP_K,
+) -> list[dict]:
+    """One feature record per answered image: what the prediction log stores and the monitor reads.
+
+    Args:
+        probabilities: ``classifier.onnx``'s probabilities (N, K).
+        embedding: its embedding output (N, E).
+        pixels: the uint8 model input (N, C, H, W) the answer came from.
+        classes: class names in label order (the card's).
+        reference: the deployable's :class:`Reference`; None leaves out the OOD score and flag.
+        uploads: :func:`upload_facts` per image (None where there was no upload, e.g. an example).
+        top_k: classes to keep per record.
+
+    Returns:
+        Dicts of plain JSON types: ``top_k`` ([{"class", "probability"}]), ``predicted`` (index),
+        ``confidence``, ``mean_intensity``, ``std_intensity``, ``upload``, ``embedding`` (list),
+        and with a reference ``ood_score`` and ``ood`` (score above the card's threshold).
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    means, stds = pixel_stats(pixels)
+    scores = reference.ood_scores(embedding) if reference is not None else None
+    rounded = np.round(np.asarray(embedding, np.float64), EMBEDDING_DECIMALS)
+    records = []
+    for row, top in enumerate(order):
+        facts = uploads[row] if uploads is not None else None
+        record = {
+            "top_k": [{"class": classes[c], "probability": round(float(probabilities[row, c]), 6)} for c in top],
+            "predicted": int(top[0]),
+            "confidence": round(float(probabilities[row, top[0]]), 6),
+            "mean_intensity": round(float(means[row]), 6),
+            "std_intensity": round(float(stds[row]), 6),
+            "upload": asdict(facts) if facts is not None else None,
+            "embedding": rounded[row].tolist(),
+        }
+        if scores is not None:
+            record["ood_score"] = round(float(scores[row]), 4)
+            record["ood"] = bool(scores[row] > reference.ood_threshold)
+        records.append(record)
+    return records
