@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image, ImageFont, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
