@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline import monitor
-from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, REFERENCE_FILE, ModelCard, sha256_file
+from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, REFERENCE_FILE, ContractError, ModelCard, sha256_file
 from pipeline.common.features import Reference, feature_records
 from pipeline.common.feedback import FeedbackError, write_feedback
 from pipeline.common.predlog import PredictionLog, model_identity, prediction_record
@@ -49,6 +49,15 @@ def write_log(folder: Path, deployable: Path, images: np.ndarray) -> None:
         assert log.log(prediction_record(features, identity, "/predict"))
     log.close()
     assert log.written == len(images)
+
+
+def card_only(folder: Path) -> Path:
+    """A deployable folder holding just a card (cat/dog/owl): what the feedback import reads."""
+    folder.mkdir(parents=True)
+    card = ModelCard(architecture="lenet5", classes=SERVING_CLASSES, image_size=32, channels=1, mean=[0.5], std=[0.25],
+                     registered_model="cnn-classifier", version="7")
+    (folder / CARD_FILE).write_text(card.to_json())
+    return folder
 
 
 def run_monitor(*args: str, tracking: Path) -> subprocess.CompletedProcess:
@@ -90,7 +99,7 @@ def test_drift_check_on_logged_traffic(tmp_path: Path, deployable: Path) -> None
 
 
 def test_drift_check_refuses_a_deployable_without_reference(tmp_path: Path, capsys) -> None:
-    folder = write_export(tmp_path / "export")
+    folder = card_only(tmp_path / "export")
     assert monitor.main(["--log", str(tmp_path), "--model", str(folder), "--out", str(tmp_path / "out")]) == 1
     assert f"{folder / REFERENCE_FILE}: no monitoring reference" in capsys.readouterr().err
 
@@ -114,7 +123,7 @@ def test_feedback_writer_checks_label_and_image(tmp_path: Path) -> None:
 
 
 def test_feedback_into_the_dataset(tmp_path: Path, capsys) -> None:
-    model = write_export(tmp_path / "export")
+    model = card_only(tmp_path / "export")
     data = tmp_path / "data"
     for name in SERVING_CLASSES:
         (data / name).mkdir(parents=True)
@@ -144,7 +153,7 @@ def test_feedback_into_the_dataset(tmp_path: Path, capsys) -> None:
 
 
 def test_feedback_goes_to_train_in_a_pre_split_dataset(tmp_path: Path) -> None:
-    model = write_export(tmp_path / "export")
+    model = card_only(tmp_path / "export")
     data = tmp_path / "data"
     (data / "train" / "cat").mkdir(parents=True)
     (data / "train" / "cat" / "a.png").write_bytes(png(9))
@@ -154,14 +163,26 @@ def test_feedback_goes_to_train_in_a_pre_split_dataset(tmp_path: Path) -> None:
     assert [p.parent.name for p in (data / "train").glob("*/feedback-*.png")] == ["owl"]
 
 
-def test_reference_is_checked_against_the_card(deployable: Path, tmp_path: Path) -> None:
+def test_reference_is_checked_against_the_card(tmp_path: Path) -> None:
+    files = {CLASSIFIER_FILE: b"graph", "saliency.onnx": b"maps", REFERENCE_FILE: b"reference"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    card = ModelCard.read(card_only(tmp_path / "card")).model_copy(
+        update={"files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}})
+    card.verify_files(tmp_path)
+    (tmp_path / REFERENCE_FILE).write_bytes(b"another reference")
+    with pytest.raises(ContractError, match="reference.npz: missing or not the file model_card.json lists"):
+        card.verify_files(tmp_path)
+    (tmp_path / REFERENCE_FILE).unlink()
+    with pytest.raises(ContractError, match="reference.npz: missing"):
+        card.verify_files(tmp_path)
+
+
+@pytest.mark.slow
+def test_export_reference_lists_its_hash_and_threshold(deployable: Path) -> None:
     card = ModelCard.read(deployable)
-    assert REFERENCE_FILE in card.files and card.ood_threshold is not None
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for path in deployable.iterdir():
-        (copy / path.name).write_bytes(path.read_bytes())
-    card.verify_files(copy)
-    (copy / REFERENCE_FILE).write_bytes(b"other")
-    with pytest.raises(Exception, match="reference.npz: missing or not the file model_card.json lists"):
-        card.verify_files(copy)
+    assert card.files[REFERENCE_FILE] == sha256_file(deployable / REFERENCE_FILE)
+    reference = Reference.load(deployable / REFERENCE_FILE)
+    assert card.ood_threshold == reference.ood_threshold == pytest.approx(np.percentile(reference.ood_score, 99))
+    assert reference.embedding.shape == (300, 84)  # the validation images, LeNet-5's penultimate width
+    card.verify_files(deployable)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.common.contract import REFERENCE_FILE
 from pipeline.common.files import write_atomic
 
 TOP_K = 3  # classes per logged answer
@@ -114,6 +115,16 @@ class Reference:
             values = {f.name: data[f.name] for f in fields(cls)}
         values["ood_threshold"] = float(values["ood_threshold"])
         return cls(**values)
+
+
+def load_reference(folder: str | Path) -> Reference | None:
+    """The deployable's ``reference.npz``, or None for a model exported before monitoring (no OOD score).
+
+    Raises:
+        ValueError: the file is there but incomplete.
+    """
+    path = Path(folder) / REFERENCE_FILE
+    return Reference.load(path) if path.is_file() else None
 
 
 def feature_records(
