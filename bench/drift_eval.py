@@ -35,7 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.common.contract import CLASSIFIER_FILE, ModelCard  # noqa: E402
-from pipeline.common.features import Reference, feature_records, mahalanobis_scores  # noqa: E402
+from pipeline.common.features import (  # noqa: E402
+    Reference,
+    feature_records,
+    mahalanobis_scores,
+    ood_features,
+    pixel_stats,
+)
 from pipeline.common.images import preprocess  # noqa: E402
 from pipeline.lib.drift import Window, compare  # noqa: E402
 from pipeline.lib.loader import load_split  # noqa: E402
@@ -117,26 +123,32 @@ def alarm_count(reference: Reference, records: list[dict], classes: list[str], w
 
 
 def score_comparison(session, export: Path, sets: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per-image flag rates of the chosen OOD score against two logit-only ones, each thresholded at the
-    validation split's 99th percentile: why the flag uses the embedding."""
+    """Per-image flag rates of the chosen OOD score against the embedding alone and two logit-only
+    scores, each thresholded at the validation split's 99th percentile."""
     from pipeline.lib.reference import fit_ood
 
     def outputs(images):
-        return session.run(["logits", "embedding"], {"image": np.ascontiguousarray(images)})
+        images = np.ascontiguousarray(images)
+        return (*session.run(["logits", "embedding"], {"image": images}), *pixel_stats(images))
 
     train, labels = load_split(export.parent / "pre", "train")
-    means, precision = fit_ood(outputs(train)[1], labels)
+    logits, embedding, means, stds = outputs(train)
+    with_stats = fit_ood(ood_features(embedding, means, stds), labels)
+    alone = fit_ood(embedding, labels)
 
-    def energy(logits, _):
+    def energy(logits, *_):
         top = logits.max(1)
         return -(top + np.log(np.exp(logits - top[:, None]).sum(1)))
 
-    def max_softmax(logits, _):
+    def max_softmax(logits, *_):
         shifted = np.exp(logits - logits.max(1, keepdims=True))
         return -(shifted / shifted.sum(1, keepdims=True)).max(1)
 
-    scorers = {"Mahalanobis, embedding (chosen)": lambda logits, emb: mahalanobis_scores(emb, means, precision),
-               "energy, logits": energy, "max softmax": max_softmax}
+    scorers = {
+        "Mahalanobis, embedding + input mean/std (the flag)":
+            lambda _, emb, mean, std: mahalanobis_scores(ood_features(emb, mean, std), *with_stats),
+        "Mahalanobis, embedding alone": lambda _, emb, *__: mahalanobis_scores(emb, *alone),
+        "energy (logits)": energy, "max softmax": max_softmax}
     val = outputs(load_split(export.parent / "pre", "val")[0])
     table = {}
     for name, score in scorers.items():
@@ -153,21 +165,25 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[300, 100], help="window sizes")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        return evaluate(train_export(args.work or Path(tmp)), args)
+
+
+def evaluate(export: Path, args: argparse.Namespace) -> int:
+    """Everything after training: the tables, printed (and written to ``args.json``)."""
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory() as tmp:
-        export = train_export(args.work or Path(tmp))
-        card, reference = ModelCard.read(export), Reference.load(export / "reference.npz")
-        session = ort.InferenceSession(str(export / CLASSIFIER_FILE), providers=["CPUExecutionProvider"])
-        test, labels = load_split(export.parent / "pre", "test")
-        test = np.ascontiguousarray(test)
-        rng = np.random.default_rng(0)
-        sets = shifted_sets(test, rng)
-        mixed = test.copy()
-        part = rng.random(len(test)) < 0.3
-        mixed[part] = 255 - test[part]
-        comparison = score_comparison(session, export, {"test split": test, **sets})
+    card, reference = ModelCard.read(export), Reference.load(export / "reference.npz")
+    session = ort.InferenceSession(str(export / CLASSIFIER_FILE), providers=["CPUExecutionProvider"])
+    test, labels = load_split(export.parent / "pre", "test")
+    test = np.ascontiguousarray(test)
+    rng = np.random.default_rng(0)
+    sets = shifted_sets(test, rng)
+    mixed = test.copy()
+    part = rng.random(len(test)) < 0.3
+    mixed[part] = 255 - test[part]
     sets["30% inverted"] = mixed
+    comparison = score_comparison(session, export, {"test split": test, **sets})
     test_records = records_of(session, test, card, reference)
     accuracy = np.mean(np.array([r["predicted"] for r in test_records]) == labels)
     print(f"LeNet-5 on digits at {test.shape[-1]} px: test accuracy {accuracy:.3f} ({len(test)} test images, "

@@ -13,6 +13,7 @@ from pipeline.common.features import (
     UploadFacts,
     feature_records,
     mahalanobis_scores,
+    ood_features,
     upload_facts,
 )
 from pipeline.lib.drift import ALPHA, Window, class_test, compare, mmd_test
@@ -35,9 +36,10 @@ def population(rng: np.random.Generator, n: int, shift: float = 0.0, classes: np
 def reference() -> Reference:
     rng = np.random.default_rng(0)
     train = population(rng, 2000)
-    means, precision = fit_ood(train.embedding, train.predicted)
+    means, precision = fit_ood(ood_features(train.embedding, train.mean_intensity, train.std_intensity),
+                               train.predicted)
     val = population(rng, 400)
-    scores = mahalanobis_scores(val.embedding, means, precision)
+    scores = mahalanobis_scores(ood_features(val.embedding, val.mean_intensity, val.std_intensity), means, precision)
     return Reference(embedding=val.embedding, predicted=val.predicted, confidence=val.confidence,
                      mean_intensity=val.mean_intensity, std_intensity=val.std_intensity, ood_score=scores,
                      ood_means=means, ood_precision=precision, ood_threshold=float(np.percentile(scores, 99)))
@@ -105,13 +107,14 @@ def test_reference_round_trip(tmp_path, reference: Reference) -> None:
 def test_feature_records_from_one_answer(reference: Reference) -> None:
     probabilities = np.array([[0.1, 0.7, 0.2], [0.05, 0.05, 0.9]])
     embedding = np.stack([CENTRES[1], CENTRES[2] + 40])  # the second is far from every class
-    pixels = np.zeros((2, 1, 4, 4), np.uint8)
-    pixels[1] = 255
+    pixels = np.full((2, 1, 4, 4), 255, np.uint8)
+    pixels[0].flat[::2], pixels[0].flat[1::2] = 26, 128  # mean 0.302, std 0.2: like the reference
     records = feature_records(probabilities, embedding, pixels, CLASSES, reference,
                               [UploadFacts(123, "PNG", 4, 4), None], top_k=2)
     first, second = records
     assert first["top_k"] == [{"class": "dog", "probability": 0.7}, {"class": "owl", "probability": 0.2}]
-    assert (first["predicted"], first["confidence"], first["mean_intensity"]) == (1, 0.7, 0.0)
+    assert (first["predicted"], first["confidence"]) == (1, 0.7)
+    assert (first["mean_intensity"], first["std_intensity"]) == (round(77 / 255, 6), 0.2)
     assert second["mean_intensity"] == 1.0 and second["std_intensity"] == 0.0
     assert first["upload"] == {"bytes": 123, "format": "PNG", "width": 4, "height": 4} and second["upload"] is None
     assert first["ood"] is False and second["ood"] is True

@@ -6,11 +6,13 @@ probabilities. The export stage computes the same quantities on the validation s
 them as ``reference.npz`` (:class:`Reference`), so ``python -m pipeline.monitor`` compares like
 with like, and every answer can carry an out-of-distribution score against the same reference.
 
-The OOD score is the Mahalanobis distance of the embedding to the nearest class mean under one
-shared (shrunk) covariance of the training split's embeddings (Lee et al., 2018, "A Simple
-Unified Framework for Detecting Out-of-Distribution Samples"): K×E×E multiply-adds per image,
-no extra graph, and unlike the softmax confidence it does not saturate on inputs far from every
-class. Its threshold is a percentile of the validation split's scores, stored in the card.
+The OOD score is the Mahalanobis distance of the embedding, with the input's mean and standard
+deviation appended (:func:`ood_features`), to the nearest class mean under one shared (shrunk)
+covariance of the training split's (Lee et al., 2018, "A Simple Unified Framework for Detecting
+Out-of-Distribution Samples"): K×E×E multiply-adds per image, no extra graph, and unlike the
+softmax confidence it does not saturate on inputs far from every class. The two input
+statistics catch what the network maps onto familiar features (an inverted digit). Its threshold
+is a percentile of the validation split's scores, stored in the card.
 
 numpy and Pillow only: it ships in the Bento.
 """
@@ -65,9 +67,14 @@ def pixel_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.mean(axis=1), flat.std(axis=1)
 
 
+def ood_features(embedding: np.ndarray, mean_intensity: np.ndarray, std_intensity: np.ndarray) -> np.ndarray:
+    """What the OOD model sees of each image: the embedding (N, E) with mean and std intensity appended, (N, E+2)."""
+    return np.column_stack([np.asarray(embedding, np.float64), mean_intensity, std_intensity])
+
+
 def mahalanobis_scores(embedding: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Squared Mahalanobis distance of each row of ``embedding`` (N, E) to the nearest of ``means``
-    (K, E) under ``precision`` (E, E), the inverse shared covariance; returns (N,)."""
+    """Squared Mahalanobis distance of each row of ``embedding`` (N, D) to the nearest of ``means``
+    (K, D) under ``precision`` (D, D), the inverse shared covariance; returns (N,)."""
     diffs = np.asarray(embedding, np.float64)[:, None, :] - means[None]  # (N, K, E)
     return np.einsum("nke,ef,nkf->nk", diffs, precision, diffs).min(axis=1)
 
@@ -78,9 +85,9 @@ class Reference:
 
     Per reference image (N rows): ``embedding`` (N, E), ``predicted`` class, ``confidence`` (top
     probability), ``mean_intensity`` and ``std_intensity`` (:func:`pixel_stats`), ``ood_score``.
-    The OOD model: class means ``ood_means`` (K, E) and the shared precision ``ood_precision``
-    (E, E), fitted on the training split; ``ood_threshold`` (:data:`OOD_PERCENTILE` of the
-    validation scores).
+    The OOD model, on :func:`ood_features` (D = E + 2): class means ``ood_means`` (K, D) and the
+    shared precision ``ood_precision`` (D, D), fitted on the training split; ``ood_threshold``
+    (:data:`OOD_PERCENTILE` of the validation scores).
     """
 
     embedding: np.ndarray
@@ -93,9 +100,11 @@ class Reference:
     ood_precision: np.ndarray
     ood_threshold: float
 
-    def ood_scores(self, embedding: np.ndarray) -> np.ndarray:
-        """OOD scores of embeddings (N, E): higher is less like the training data."""
-        return mahalanobis_scores(embedding, self.ood_means, self.ood_precision)
+    def ood_scores(self, embedding: np.ndarray, mean_intensity: np.ndarray, std_intensity: np.ndarray) -> np.ndarray:
+        """OOD scores of N images from their embeddings (N, E) and :func:`pixel_stats`: higher is less
+        like the training data."""
+        return mahalanobis_scores(ood_features(embedding, mean_intensity, std_intensity), self.ood_means,
+                                  self.ood_precision)
 
     def save(self, path: str | Path) -> Path:
         arrays = {key: np.asarray(value) for key, value in asdict(self).items()}
@@ -155,7 +164,7 @@ def feature_records(
     probabilities = np.asarray(probabilities, np.float64)
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     means, stds = pixel_stats(pixels)
-    scores = reference.ood_scores(embedding) if reference is not None else None
+    scores = reference.ood_scores(embedding, means, stds) if reference is not None else None
     rounded = np.round(np.asarray(embedding, np.float64), EMBEDDING_DECIMALS)
     records = []
     for row, top in enumerate(order):

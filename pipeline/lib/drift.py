@@ -138,7 +138,8 @@ def compare(reference: Reference, window: Window, classes: list[str], alpha: flo
     for name in ("confidence", "mean_intensity", "std_intensity"):
         ref, cur = getattr(reference, name), getattr(window, name)
         tests.append((name, "Kolmogorov-Smirnov", ks_test(ref, cur), _summary(ref), _summary(cur)))
-    scores = reference.ood_scores(window.embedding)  # recomputed: the log may predate the reference
+    # recomputed, not read from the log: the records may predate this reference
+    scores = reference.ood_scores(window.embedding, window.mean_intensity, window.std_intensity)
     tests.append(("ood_score", "Kolmogorov-Smirnov", ks_test(reference.ood_score, scores),
                   _summary(reference.ood_score), f"{_summary(scores)}; "
                   f"{np.mean(scores > reference.ood_threshold):.0%} flagged"))

@@ -74,7 +74,7 @@ def charts(reference: Reference, window: Window, classes: list[str]) -> dict[str
     ax.set(xlabel="predicted class", ylabel="share of predictions")
     ax.legend()
     out["Predicted classes"] = _png(fig)
-    scores = reference.ood_scores(window.embedding)
+    scores = reference.ood_scores(window.embedding, window.mean_intensity, window.std_intensity)
     for title, ref, cur, xlabel in (
             ("Confidence (top probability)", reference.confidence, window.confidence, "confidence"),
             ("Mean intensity of the model input", reference.mean_intensity, window.mean_intensity, "mean (0-1)"),

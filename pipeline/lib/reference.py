@@ -11,12 +11,13 @@ like the test split would look "shifted" against the training split.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, REFERENCE_FILE, ModelCard, sha256_file
-from pipeline.common.features import OOD_PERCENTILE, Reference, mahalanobis_scores, pixel_stats
+from pipeline.common.features import OOD_PERCENTILE, Reference, ood_features, pixel_stats
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 5000  # per split: bounds the export's cost and the file (~3 MB at 128 dims) on large datasets
@@ -40,16 +41,16 @@ def _sample(count: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, limit, replace=False))
 
 
-def fit_ood(embedding: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Means of the classes present (K', E) and the precision (E, E) of the shared within-class
+def fit_ood(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means of the classes present (K', D) and the precision (D, D) of the shared within-class
     covariance, shrunk (Ledoit–Wolf) so that it inverts even with fewer images than dimensions.
     """
     from sklearn.covariance import LedoitWolf
 
-    embedding = embedding.astype(np.float64)
+    features = features.astype(np.float64)
     present, index = np.unique(labels, return_inverse=True)
-    means = np.stack([embedding[index == i].mean(axis=0) for i in range(len(present))])
-    return means, LedoitWolf().fit(embedding - means[index]).precision_
+    means = np.stack([features[index == i].mean(axis=0) for i in range(len(present))])
+    return means, LedoitWolf().fit(features - means[index]).precision_
 
 
 def build_reference(classifier_path: str | Path, train: tuple[np.ndarray, np.ndarray], val_images: np.ndarray,
@@ -67,18 +68,20 @@ def build_reference(classifier_path: str | Path, train: tuple[np.ndarray, np.nda
                          "(raise preprocess.val_fraction)")
     train_images, train_labels = train
     rows = _sample(len(train_images), MAX_ROWS, seed)
-    _, train_embedding = classifier_outputs(classifier_path, train_images[rows])
-    means, precision = fit_ood(train_embedding, np.asarray(train_labels)[rows])
+    sample = train_images[rows]
+    _, train_embedding = classifier_outputs(classifier_path, sample)
+    means, precision = fit_ood(ood_features(train_embedding, *pixel_stats(sample)), np.asarray(train_labels)[rows])
 
     val_images = val_images[_sample(len(val_images), MAX_ROWS, seed + 1)]
     probabilities, embedding = classifier_outputs(classifier_path, val_images)
-    scores = mahalanobis_scores(embedding, means, precision)
     mean_intensity, std_intensity = pixel_stats(val_images)
-    return Reference(
+    reference = Reference(
         embedding=embedding.astype(np.float32), predicted=probabilities.argmax(1).astype(np.int64),
         confidence=probabilities.max(1).astype(np.float32), mean_intensity=mean_intensity,
-        std_intensity=std_intensity, ood_score=scores, ood_means=means, ood_precision=precision,
-        ood_threshold=float(np.percentile(scores, OOD_PERCENTILE)))
+        std_intensity=std_intensity, ood_score=np.zeros(len(val_images)), ood_means=means, ood_precision=precision,
+        ood_threshold=0.0)
+    scores = reference.ood_scores(embedding, mean_intensity, std_intensity)  # the service's own computation
+    return replace(reference, ood_score=scores, ood_threshold=float(np.percentile(scores, OOD_PERCENTILE)))
 
 
 def add_reference(folder: Path, card: ModelCard, train: tuple[np.ndarray, np.ndarray],
