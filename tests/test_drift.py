@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -98,6 +99,11 @@ def test_too_small_or_foreign_windows_are_refused(reference: Reference) -> None:
 def test_reference_round_trip(tmp_path, reference: Reference) -> None:
     loaded = Reference.load(reference.save(tmp_path / "reference.npz"))
     np.testing.assert_array_equal(loaded.embedding, reference.embedding)
+    np.testing.assert_array_equal(loaded.ood_precision, reference.ood_precision)
+    # the same arrays give the same bytes (the card records the file's sha256)
+    assert reference.save(tmp_path / "again.npz").read_bytes() == (tmp_path / "reference.npz").read_bytes()
+    with zipfile.ZipFile(tmp_path / "reference.npz") as archive:  # no clock in the file, whenever it is saved
+        assert {member.date_time for member in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     assert loaded.ood_threshold == reference.ood_threshold
     np.savez(tmp_path / "partial.npz", embedding=reference.embedding)
     with pytest.raises(ValueError, match="partial.npz: not a monitoring reference"):
