@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := true
 
-.PHONY: setup data run plots test lint serve serve-champion bench clean mlflow-server
+.PHONY: setup data run plots test lint serve serve-champion bench clean mlflow-server monitor
 
 setup: $(VENV)/.installed
 
@@ -85,6 +85,13 @@ serve-champion: setup
 	tag=$$(python -m serving.store import-export artifacts/champion --alias champion) && \
 	echo "serving $$tag (the MLflow champion)" && \
 	SERVING_MODEL=$$tag bentoml serve serving.service:Classifier --port $(PORT)
+
+# Drift of the served model's last 300 logged predictions against its reference (docs/monitoring.md):
+# a table and a verdict; artifacts/monitor/drift.json and report.html; an MLflow run. Exit 3 on drift.
+SERVING_LOG_DIR ?= artifacts/predictions
+monitor: setup
+	python -m pipeline.monitor --log $(SERVING_LOG_DIR) --model artifacts/export --last 300 \
+		--out artifacts/monitor --fail-on-drift
 
 # The CPU benchmarks; bench/serve.py needs the exported model (`make run` first).
 # bench/gpu_check.py is for a CUDA machine and is run by hand.

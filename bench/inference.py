@@ -66,7 +66,7 @@ def measure(name: str, channels: int, size: int, repeats: int, tmp: Path) -> dic
     eager = ClassifierGraph(model, mean, std).eval()
     exported = fold_adaptive_pool(model, size)  # as pipeline.export does
     export_onnx(ClassifierGraph(exported, mean, std), tmp / f"{name}.onnx", (example,), ["image"],
-                ["logits", "probabilities"], {})
+                ["logits", "probabilities", "embedding"], {})
     classifier = session(tmp / f"{name}.onnx")
     saliency = {}
     for methods in [(m,) for m in METHODS] + [METHODS]:

@@ -34,29 +34,70 @@ class Normalize(nn.Module):
         return (image.to(self.mean.dtype) / 255 - self.mean) / self.std
 
 
-class ClassifierGraph(nn.Module):
-    """``classifier.onnx``: uint8 image → (logits, softmax probabilities), both (N, K).
+# Widest embedding ``classifier.onnx`` emits: LeNet-5's 84 penultimate features pass as they are,
+# VGG16's 4,096 go through a fixed random projection. 128 float32 per logged prediction keeps the
+# prediction log small, and distances survive a Gaussian projection (Johnson–Lindenstrauss).
+EMBEDDING_MAX_DIMS = 128
+PROJECTION_SEED = 0
 
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of the last Linear: ``classifier[:-1]`` after features → avgpool → flatten, (N, D).
+
+    Every network in :mod:`models` has that layout (as torchvision's VGG); in eval mode Dropout is
+    the identity, so this is what the last layer sees.
+    """
+    return model.classifier[:-1](torch.flatten(model.avgpool(model.features(x)), 1))
+
+
+def embedding_projection(width: int, dims: int = EMBEDDING_MAX_DIMS) -> torch.Tensor | None:
+    """The fixed (width, dims) Gaussian projection for features wider than ``dims``, else None.
+
+    Seeded, so it depends on the width only: an export needs no data to build it, and the
+    reference stored beside the model was computed through the same matrix.
+    """
+    if width <= dims:
+        return None
+    generator = torch.Generator().manual_seed(PROJECTION_SEED)
+    return torch.randn(width, dims, generator=generator) / dims**0.5
+
+
+class ClassifierGraph(nn.Module):
+    """``classifier.onnx``: uint8 image → (logits (N, K), softmax probabilities (N, K), embedding (N, E)).
+
+    The embedding is the penultimate features (:func:`penultimate`), projected to
+    :data:`EMBEDDING_MAX_DIMS` when wider: what the monitoring compares with the training data
+    (drift, out-of-distribution score), from the same forward pass as the prediction.
     Puts ``model`` in eval mode and freezes its parameters.
 
     Args:
-        model: a network from :mod:`models` (any ``nn.Module`` taking normalised images works).
+        model: a network from :mod:`models` (``features``, ``avgpool``, ``classifier`` Sequential).
         mean: per-channel mean of the training images, 0–1 scale.
         std: per-channel standard deviation, 0–1 scale.
     """
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
+        if not isinstance(getattr(model, "classifier", None), nn.Sequential) or not isinstance(
+                model.classifier[-1], nn.Linear):
+            raise ValueError(f"{type(model).__name__}: ClassifierGraph needs a model whose `classifier` is an "
+                             "nn.Sequential ending in nn.Linear (the embedding is that Linear's input)")
         self.normalize = Normalize(mean, std)
         self.model = model.eval().requires_grad_(False)
+        projection = embedding_projection(model.classifier[-1].in_features)
+        if projection is not None:
+            projection = projection.to(model.classifier[-1].weight.dtype)
+        self.register_buffer("projection", projection)
         self.train(False)
 
     def train(self, mode: bool = True) -> ClassifierGraph:
         return super().train(False)  # an export graph is always in inference mode
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(self.normalize(image))
-        return logits, logits.softmax(dim=1)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = penultimate(self.model, self.normalize(image))
+        logits = self.model.classifier[-1](features)
+        embedding = features if self.projection is None else features @ self.projection
+        return logits, logits.softmax(dim=1), embedding
 
 
 def fold_adaptive_pool(model: nn.Module, image_size: int) -> nn.Module:

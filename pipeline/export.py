@@ -1,4 +1,5 @@
-"""Export stage: ``classifier.onnx``, ``saliency.onnx`` and ``model_card.json``, checked and registered.
+"""Export stage: ``classifier.onnx``, ``saliency.onnx``, ``reference.npz`` and ``model_card.json``, checked
+and registered.
 
     python -m pipeline.export --model artifacts/train/model.pt --out artifacts/export
 
@@ -6,7 +7,8 @@ Both graphs take uint8 N×C×H×W and normalise inside, and both carry the model
 metadata. Before anything is registered, ONNX Runtime must reproduce PyTorch's predictions on
 the test split and ``saliency.onnx`` must give finite maps for degenerate inputs (black, white,
 noise, every target). The registered model version is the whole folder (see
-:mod:`pipeline.lib.model_registry`).
+:mod:`pipeline.lib.model_registry`). ``reference.npz`` is the monitoring reference
+(:mod:`pipeline.lib.reference`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from models.saliency import SaliencyGraph
 from pipeline.common.contract import (
     CARD_FILE,
     CLASSIFIER_FILE,
+    CLASSIFIER_OUTPUTS,
     EXAMPLES_FILE,
     SALIENCY_FILE,
     ContractError,
@@ -42,6 +45,7 @@ from pipeline.lib.engine import predict_logits
 from pipeline.lib.loader import load_split
 from pipeline.lib.onnx_checks import ExportCheckFailed, check_parity, check_saliency_finite
 from pipeline.lib.onnx_export import export_onnx
+from pipeline.lib.reference import add_reference
 from pipeline.lib.trained import load_trained
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ def export_files(model: torch.nn.Module, card: ModelCard, folder: Path, opset: i
     props = card.onnx_props()
     log.info("exporting %s", CLASSIFIER_FILE)
     export_onnx(ClassifierGraph(graph_model, card.mean, card.std), folder / CLASSIFIER_FILE, (example,),
-                ["image"], ["logits", "probabilities"], props, opset)
+                ["image"], list(CLASSIFIER_OUTPUTS), props, opset)
     log.info("exporting %s", SALIENCY_FILE)
     export_onnx(SaliencyGraph(graph_model, card.mean, card.std, image_size), folder / SALIENCY_FILE,
                 (example, torch.tensor([-1, 0])), ["image", "target"],
@@ -113,6 +117,8 @@ def export_stage(model_path: Path, data_dir: Path, run_id_path: Path, eval_metri
         except ValueError as err:
             raise ExportCheckFailed(f"{err}; nothing was registered") from None
         log.info("saliency.onnx is finite on black, white, grey and noise images for every target")
+        val_images = load_split(data_dir, "val")[0]
+        card = add_reference(staging, card, load_split(data_dir, "train"), val_images if len(val_images) else images)
         version = registry.register(staging, card, np.ascontiguousarray(images[:1]), experiment)
         card = card.model_copy(update={"version": version})
         (staging / CARD_FILE).write_text(card.to_json())

@@ -142,7 +142,7 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
     assert card.mlflow_run_id == runs["slow"].info.run_id and card.version == str(champion.version)
     card.verify_files(out)  # the registered pair, byte for byte, as the export stage hashed it
     assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "examples.npz", "model_card.json",
-                                                     "saliency.onnx"]
+                                                     "reference.npz", "saliency.onnx"]
     with np.load(out / "examples.npz") as examples:  # the UI's examples: test images of the run's own data
         assert examples["images"].shape[1:] == (card.channels, card.image_size, card.image_size)
         labels = list(examples["labels"])  # one per class present in the test split, in class order

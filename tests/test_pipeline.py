@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.common.contract import ModelCard
+from pipeline.common.contract import REFERENCE_FILE, ModelCard
+from pipeline.common.features import Reference
 from pipeline.lib.engine import predict_logits
 from pipeline.lib.trained import load_trained
 from tests.conftest import add_dataset, copy_project, sh, tool_env
@@ -59,7 +60,13 @@ def test_repro_writes_every_output_and_is_up_to_date(repo: Path):
         model = onnx.load(repo / "artifacts" / "export" / name)
         onnx.checker.check_model(model)
         props = {p.key: p.value for p in model.metadata_props}
-        assert ModelCard.from_onnx_props(props) == card.model_copy(update={"files": {}, "version": ""})
+        assert ModelCard.from_onnx_props(props) == card.model_copy(update={"files": {}, "version": "",
+                                                                           "ood_threshold": None})
+    # the monitoring reference: listed by sha256 (verify_files checked it), its threshold in the card
+    reference = Reference.load(repo / "artifacts" / "export" / REFERENCE_FILE)
+    assert REFERENCE_FILE in card.files and card.ood_threshold == reference.ood_threshold
+    counts = json.loads((repo / "artifacts" / "preprocessed" / "manifest.json").read_text())["counts"]
+    assert len(reference.embedding) == (counts["val"] or counts["test"])  # the validation split, else the test split
     assert json.loads(sh(repo, "dvc", "status", "--json")) == {}
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "repro")
     assert "top1" in sh(repo, "dvc", "metrics", "show")
@@ -93,7 +100,7 @@ def test_onnx_runtime_matches_pytorch_on_the_test_split(repo: Path):
     model, card = load_trained(repo / "artifacts" / "train" / "model.pt")
     session = ort.InferenceSession(str(repo / "artifacts" / "export" / "classifier.onnx"),
                                    providers=["CPUExecutionProvider"])
-    onnx_logits, probabilities = session.run(None, {"image": images})
+    onnx_logits, probabilities = session.run(["logits", "probabilities"], {"image": images})
     torch_logits = predict_logits(model, images, card.mean, card.std)
     tolerance = 1e-4
     assert np.abs(onnx_logits - torch_logits).max() <= tolerance

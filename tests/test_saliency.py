@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from models.graphs import ClassifierGraph, fold_adaptive_pool
+from models.graphs import EMBEDDING_MAX_DIMS, ClassifierGraph, embedding_projection, fold_adaptive_pool, penultimate
 from models.saliency import METHODS, SaliencyGraph
+from pipeline.common.contract import CLASSIFIER_OUTPUTS
 from pipeline.lib.onnx_checks import check_saliency_finite, degenerate_inputs
 from pipeline.lib.onnx_export import export_onnx
 
@@ -243,7 +244,7 @@ def test_classifier_onnx_matches_torch(tmp_path: Path, name: str) -> None:
     graph = ClassifierGraph(fold_adaptive_pool(model, case.size), case.mean, case.std)
     path = tmp_path / "classifier.onnx"
     metadata = {"classes": '["a", "b"]', "image_size": str(case.size)}
-    export_onnx(graph, path, (images(case, 2, seed=0),), ["image"], ["logits", "probabilities"], metadata)
+    export_onnx(graph, path, (images(case, 2, seed=0),), ["image"], list(CLASSIFIER_OUTPUTS), metadata)
 
     assert {p.key: p.value for p in onnx.load(path).metadata_props} == metadata
     if name == "vgg16":  # fc1 folded: 512 inputs instead of 25,088, so ~120 MB of weights, not ~540 MB
@@ -251,14 +252,22 @@ def test_classifier_onnx_matches_torch(tmp_path: Path, name: str) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 5):  # one export, two batch sizes: the batch axis is dynamic
         image = images(case, batch, seed=batch)
-        logits, probabilities = session.run(None, {"image": image.numpy()})
+        logits, probabilities, embedding = session.run(list(CLASSIFIER_OUTPUTS), {"image": image.numpy()})
         mean = torch.tensor(case.mean).view(1, -1, 1, 1)
         std = torch.tensor(case.std).view(1, -1, 1, 1)
         with torch.no_grad():
             ref = model((image.float() / 255 - mean) / std)
+            features = penultimate(model, (image.float() / 255 - mean) / std)
         np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(probabilities, ref.softmax(1).numpy(), rtol=0, atol=1e-6)
         assert probabilities.shape == (batch, case.classes)
+        # The embedding: LeNet-5's 84 penultimate features as they are, VGG16's 4,096 projected to 128.
+        projection = embedding_projection(features.shape[1])
+        expected = features if projection is None else features @ projection
+        assert embedding.shape == (batch, min(features.shape[1], EMBEDDING_MAX_DIMS))
+        assert (projection is None) == (name == "lenet5")
+        scale = float(np.abs(expected.numpy()).max()) + 1
+        np.testing.assert_allclose(embedding, expected.numpy(), rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.slow

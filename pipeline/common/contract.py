@@ -31,6 +31,11 @@ Split = Literal["train", "val", "test"]
 CLASSIFIER_FILE = "classifier.onnx"
 SALIENCY_FILE = "saliency.onnx"
 CARD_FILE = "model_card.json"
+# classifier.onnx's outputs, in order: logits (N, K), probabilities (N, K), embedding (N, E) for monitoring.
+CLASSIFIER_OUTPUTS = ("logits", "probabilities", "embedding")
+# Beside them: the monitoring reference (features of the validation split, the OOD model and threshold),
+# written by the export stage and listed with its sha256 in the card (pipeline.common.features reads it).
+REFERENCE_FILE = "reference.npz"
 # Optional beside them: a few test-split images (uint8 ``images`` N×C×H×W, int ``labels``) for the UI.
 EXAMPLES_FILE = "examples.npz"
 MANIFEST_FILE = "manifest.json"
@@ -89,7 +94,7 @@ class Manifest(_Frozen):
 
 # The card minus ``files`` and ``version`` goes into the ONNX files: a file cannot carry its own
 # hash, and the version is assigned after the files are written.
-_NOT_IN_ONNX = frozenset({"files", "version"})
+_NOT_IN_ONNX = frozenset({"files", "version", "ood_threshold"})
 
 
 class Provenance(_Frozen):
@@ -135,6 +140,9 @@ class ModelCard(_Frozen):
     registered_model: str = ""
     version: str = ""  # MLflow model version; empty until registered
     files: dict[str, str] = Field(default_factory=dict)  # file name → sha256 of the deployable's ONNX files
+    # An answer's out-of-distribution score above this is flagged (the validation split's 99th percentile,
+    # set by export from reference.npz, after the ONNX files are written); None: no reference.
+    ood_threshold: float | None = None
 
     # ---------------------------------------------------------------- ONNX metadata props
     def onnx_props(self) -> dict[str, str]:
@@ -183,6 +191,10 @@ class ModelCard(_Frozen):
             if sha256_file(path) != expected:
                 raise ContractError(f"{path}: content does not match the sha256 in {CARD_FILE} "
                                     "(the files come from different exports)")
+        if REFERENCE_FILE in self.files:  # cards from before monitoring have none
+            path = folder / REFERENCE_FILE
+            if not path.is_file() or sha256_file(path) != self.files[REFERENCE_FILE]:
+                raise ContractError(f"{path}: missing or not the file {CARD_FILE} lists (sha256 differs)")
 
 
 def sha256_file(path: str | Path) -> str:

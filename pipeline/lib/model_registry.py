@@ -2,7 +2,8 @@
 
 The version is logged with MLflow's ONNX flavor (``classifier.onnx`` is the flavor's model, so
 ``mlflow.pyfunc.load_model`` and MLflow's serving tools work on it), and ``saliency.onnx`` and
-``model_card.json`` ride in the same version as the flavor's ``extra_files``. Nothing can pair a
+``model_card.json`` (and ``reference.npz``, the monitoring reference) ride in the same version as the
+flavor's ``extra_files``. Nothing can pair a
 classifier with a saliency graph from another run: :func:`download` rebuilds the export folder
 from one version and checks both files against the sha256 the card records.
 """
@@ -16,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common.contract import CARD_FILE, CLASSIFIER_FILE, EXAMPLES_FILE, SALIENCY_FILE, ContractError, ModelCard
+from pipeline.common.contract import (
+    CARD_FILE,
+    CLASSIFIER_FILE,
+    CLASSIFIER_OUTPUTS,
+    EXAMPLES_FILE,
+    REFERENCE_FILE,
+    SALIENCY_FILE,
+    ContractError,
+    ModelCard,
+)
 from pipeline.common.errors import UserError
 from pipeline.common.files import replace_dir
 from pipeline.lib import tracking
@@ -37,14 +47,14 @@ def register(folder: Path, card: ModelCard, example: np.ndarray, experiment: str
     from mlflow.models import infer_signature
 
     session = cpu_session(folder / CLASSIFIER_FILE)
-    outputs = dict(zip(["logits", "probabilities"], session.run(None, {"image": example}), strict=True))
+    outputs = dict(zip(CLASSIFIER_OUTPUTS, session.run(list(CLASSIFIER_OUTPUTS), {"image": example}), strict=True))
     signature = infer_signature({"image": example}, outputs)
     with tracking.run(experiment, run_id=card.mlflow_run_id):
         info = tracking.with_retry(lambda: mlflow.onnx.log_model(
             onnx.load(str(folder / CLASSIFIER_FILE)), name=ARTIFACT_NAME, signature=signature,
             input_example={"image": example}, registered_model_name=card.registered_model,
             save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
-            extra_files=[str(folder / name) for name in (SALIENCY_FILE, CARD_FILE, EXAMPLES_FILE)
+            extra_files=[str(folder / name) for name in (SALIENCY_FILE, CARD_FILE, EXAMPLES_FILE, REFERENCE_FILE)
                          if (folder / name).exists()]))
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
@@ -74,8 +84,9 @@ def download(model_name: str, version: str, out: Path) -> ModelCard:
         with replace_dir(out) as staging:
             shutil.copyfile(model_dir / flavor["data"], staging / CLASSIFIER_FILE)
             shutil.copyfile(extra[SALIENCY_FILE], staging / SALIENCY_FILE)
-            if EXAMPLES_FILE in extra:  # optional: the UI's bundled test images
-                shutil.copyfile(extra[EXAMPLES_FILE], staging / EXAMPLES_FILE)
+            for optional in (EXAMPLES_FILE, REFERENCE_FILE):  # the UI's test images; the monitoring reference
+                if optional in extra:
+                    shutil.copyfile(extra[optional], staging / optional)
             try:
                 card.verify_files(staging)
             except ContractError as err:
