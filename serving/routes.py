@@ -23,21 +23,22 @@ from bentoml.exceptions import BentoMLException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serving import forms
+from serving import forms, monitoring
 from serving.errors import RETRY_AFTER_S
-from serving.schemas import NoFields, PredictFields, SaliencyFields
+from serving.schemas import FeedbackFields, NoFields, PredictFields, SaliencyFields
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-API_PATHS = ("/predict", "/predict_batch", "/saliency", "/metadata")
+API_PATHS = ("/predict", "/predict_batch", "/saliency", "/feedback", "/metadata")
 # Metric labels: these paths as themselves, the two static folders by their prefix, anything else /unknown.
 LABELLED_PATHS = (*API_PATHS, "/", "/ui", "/docs", "/docs.json", "/docs-init.js", "/schema.json", "/livez",
-                  "/healthz", "/readyz", "/metrics")
+                  "/healthz", "/readyz", "/metrics", "/monitoring")
 FOLDERS = ("/static_content/", "/ui/")
 FORMS = {
     "/predict": forms.Form({"image": False}, PredictFields),
     "/predict_batch": forms.Form({"images": True}, PredictFields),
     "/saliency": forms.Form({"image": False}, SaliencyFields),
+    "/feedback": forms.Form({"image": False}, FeedbackFields),
     "/metadata": forms.Form({}, NoFields),
 }
 METHODS = {"/metadata": ("GET", "POST")}
@@ -61,6 +62,9 @@ async def call_api(path: str, request: Request, settings: Settings) -> Response:
         answer = await service.classify_all(parsed.files["images"], **values)
     elif path == "/saliency":
         return await service.explain(parsed.files["image"], **values)
+    elif path == "/feedback":
+        answer = await monitoring.store_feedback(service.monitor, parsed.files["image"], values["label"], settings,
+                                                 service.decoders)
     else:
         answer = service.info
     return JSONResponse(answer.model_dump())

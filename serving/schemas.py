@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from bentoml.exceptions import InvalidArgument
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from pipeline.common.contract import ModelCard
 
@@ -12,6 +13,24 @@ TopK = Annotated[StrictInt, Field(ge=1, le=1000)]
 Method = Literal["gradient", "guided", "gradcam", "guided_gradcam"]
 Format = Literal["png", "json"]
 Target = StrictInt | str | None  # a class index or name; None: the predicted class
+
+
+def target_index(target: Target, classes: list[str]) -> int:
+    """The class index to explain (−1 = the predicted one); 400 naming the valid choices."""
+    if target is None:
+        return -1
+    if isinstance(target, int) and not isinstance(target, bool):
+        if 0 <= target < len(classes):
+            return target
+        raise InvalidArgument(f"target: {target} is out of range: 0..{len(classes) - 1}")
+    if target in classes:
+        return classes.index(target)
+    raise InvalidArgument(f"target: {target!r} is not a class index or name; classes: {classes}")
+
+
+def _class_name(value: object) -> object:
+    """A class name sent bare as a number (``label=7``, read as JSON by the form parser) is the name "7"."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class PredictFields(BaseModel):
@@ -30,6 +49,13 @@ class SaliencyFields(BaseModel):
     format: Format = "png"
 
 
+class FeedbackFields(BaseModel):
+    """The text field of ``POST /feedback`` (the image comes apart)."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: Annotated[str, BeforeValidator(_class_name), Field(min_length=1)]
+
+
 class NoFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,16 +66,30 @@ class Prediction(BaseModel):
     probability: float
 
 
+OOD_SCORE = "how unlike the training data the image is (squared Mahalanobis distance of its embedding); " \
+            "null for a model exported without reference.npz"
+OOD_FLAG = "the OOD score is above the model card's ood_threshold: the prediction may be meaningless"
+
+
 class Predictions(BaseModel):
     model: str
     version: str
     predictions: list[Prediction]
+    ood_score: float | None = Field(description=OOD_SCORE)
+    ood: bool | None = Field(description=OOD_FLAG)
 
 
 class BatchPredictions(BaseModel):
     model: str
     version: str
     predictions: list[list[Prediction]]
+    ood_score: list[float | None] = Field(description=f"per image: {OOD_SCORE}")
+    ood: list[bool | None] = Field(description=f"per image: {OOD_FLAG}")
+
+
+class FeedbackStored(BaseModel):
+    stored: str  # sha256 of the image: its name in the review folder
+    label: str
 
 
 class SaliencyMap(BaseModel):
@@ -58,6 +98,8 @@ class SaliencyMap(BaseModel):
     prediction: Prediction  # the top-1 class
     scale: float  # the map was divided by this (its largest |value|) to lie in [0, 1]
     map: list[list[float]]  # H×W, the model's input size
+    ood_score: float | None = Field(description=OOD_SCORE)
+    ood: bool | None = Field(description=OOD_FLAG)
 
 
 class Metadata(BaseModel):

@@ -3,9 +3,10 @@
     bentoml serve serving.service:Classifier --port 3000
 
 ``POST /predict`` (``image``, ``k``), ``POST /predict_batch`` (``images``, ``k``), ``POST /saliency``
-(``image``, ``target``, ``method``, ``format``) and ``GET|POST /metadata``: files are multipart
-form fields (README, "Serving"). The typed methods below are the APIs; :mod:`serving.routes`
-parses the HTTP forms for them, :mod:`serving.uploads` turns uploads into pixels. Settings come
+(``image``, ``target``, ``method``, ``format``), ``POST /feedback`` (``image``, ``label``) and
+``GET|POST /metadata``: files are multipart form fields (README, "Serving"). Every answer is
+logged and counted, with an out-of-distribution score, by :mod:`serving.monitoring`. The typed
+methods below are the APIs; :mod:`serving.routes` parses the forms, :mod:`serving.uploads` decodes. Settings come
 from ``SERVING_*`` environment variables (:mod:`serving.settings`). Only onnxruntime, numpy and
 Pillow run here: never torch, mlflow or dvc. The service makes no outbound request.
 """
@@ -20,20 +21,20 @@ from typing import Annotated
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 
 from pipeline.common.contract import ModelCard
-from serving import metrics, openapi, routes, store, ui, uploads
+from serving import metrics, monitoring, openapi, routes, store, ui, uploads
 from serving.batching import Batcher
 from serving.errors import ErrorBodies, PayloadTooLarge
 from serving.model import check_model_or_exit, onnx_session
 from serving.render import reduce_map, saliency_png
 from serving.schemas import (
     BatchPredictions,
+    FeedbackStored,
     Format,
     Metadata,
     Method,
@@ -42,8 +43,9 @@ from serving.schemas import (
     SaliencyMap,
     Target,
     TopK,
+    target_index,
 )
-from serving.settings import Settings
+from serving.settings import MonitoringPaths, Settings
 
 log = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
@@ -51,7 +53,8 @@ MODEL_TAG = store.store_tag()  # None when SERVING_MODEL is a folder
 
 
 # The web UI, the docs page, /metrics; mounted routes come before BentoML's own `/` and `/docs.json`.
-@bentoml.asgi_app(Starlette(routes=[*ui.routes(), *openapi.routes(), *metrics.routes()]), path="/")
+@bentoml.asgi_app(Starlette(routes=[*ui.routes(), *openapi.routes(), *metrics.routes(), *monitoring.routes()]),
+                  path="/")
 @bentoml.service(
     # serving.routes answers 503 at SERVING_TIMEOUT; BentoML's own timeout (504) is only a backstop.
     traffic={"timeout": SETTINGS.timeout_s + 30},
@@ -84,12 +87,19 @@ class Classifier:
         self.image_size, self.channels = card.image_size, card.channels
         source = f"{model_dir.parent.name}:{model_dir.name}" if store.store_tag() else model_dir.name  # no full path
         self.info = Metadata.of(card, source, provider, SETTINGS.public())
-        self.batcher = Batcher(self._probabilities, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
+        self.monitor = monitoring.Monitor(model_dir, card, SETTINGS, MonitoringPaths.from_env())
+        self.batcher = Batcher(self._run, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
         # Decoding runs here, off the event loop, a bounded number at a time.
         self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
 
-    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(["probabilities"], {"image": batch})[0]
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities and embedding side by side, N×(classes + E): one row per image for the batcher."""
+        return np.concatenate(self.session.run(["probabilities", "embedding"], {"image": batch}), axis=1)
+
+    def _observe(self, endpoint: str, rows: np.ndarray, pixels: np.ndarray, blobs: list[bytes]) -> list:
+        """Log and count the answers; each image's (OOD score, flag)."""
+        k = len(self.classes)
+        return self.monitor.observe(endpoint, rows[:, :k], rows[:, k:], pixels, blobs)
 
     async def _in_pool(self, func, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoders, func, *args)
@@ -102,26 +112,13 @@ class Classifier:
         order = np.argsort(-probabilities, kind="stable")[: min(k, len(self.classes))]
         return [Prediction(index=int(i), label=self.classes[i], probability=float(probabilities[i])) for i in order]
 
-    def _target_index(self, target: Target) -> int:
-        """The class index to explain (−1 = the predicted one); 400 naming the valid choices."""
-        if target is None:
-            return -1
-        if isinstance(target, int) and not isinstance(target, bool):
-            if 0 <= target < len(self.classes):
-                return target
-            raise InvalidArgument(f"target: {target} is out of range: 0..{len(self.classes) - 1}")
-        if target in self.classes:
-            return self.classes.index(target)
-        raise InvalidArgument(f"target: {target!r} is not a class index or name; classes: {self.classes}")
-
     # ------------------------------------------------------------------ on upload bytes (serving.routes)
     async def classify(self, data: bytes, k: int = 5) -> Predictions:
         array = await self._decode(data, "image")
-        if SETTINGS.batching:
-            probabilities = await self.batcher(array)
-        else:
-            probabilities = (await asyncio.to_thread(self._probabilities, array[None]))[0]
-        return Predictions(model=self.info.model, version=self.info.version, predictions=self._top_k(probabilities, k))
+        row = await self.batcher(array) if SETTINGS.batching else (await asyncio.to_thread(self._run, array[None]))[0]
+        [(score, ood)] = self._observe("/predict", row[None], array[None], [data])
+        return Predictions(model=self.info.model, version=self.info.version,
+                           predictions=self._top_k(row[:len(self.classes)], k), ood_score=score, ood=ood)
 
     async def classify_all(self, images: list[bytes], k: int = 5) -> BatchPredictions:
         if len(images) > SETTINGS.max_files:
@@ -134,18 +131,22 @@ class Classifier:
         arrays = [await self._in_pool(uploads.decode_upload, data, f"images[{i}]", self.image_size, self.channels,
                                       SETTINGS)
                   for i, data in enumerate(images)]  # one at a time: a heavy batch takes turns with the others
-        probabilities = await asyncio.to_thread(self._probabilities, np.stack(arrays))
+        rows = await asyncio.to_thread(self._run, np.stack(arrays))
+        flags = self._observe("/predict_batch", rows, np.stack(arrays), images)
         return BatchPredictions(model=self.info.model, version=self.info.version,
-                                predictions=[self._top_k(p, k) for p in probabilities])
+                                predictions=[self._top_k(row[:len(self.classes)], k) for row in rows],
+                                ood_score=[score for score, _ in flags], ood=[ood for _, ood in flags])
 
     async def explain(self, data: bytes, target: Target = None, method: Method = "guided",
                       format: Format = "png") -> Response:
-        index = self._target_index(target)
+        index = target_index(target, self.classes)
         await self._in_pool(uploads.check_upload, data, "image", SETTINGS)
         array, square = await self._in_pool(uploads.decode_for_display, data, "image", self.image_size, self.channels,
                                             SETTINGS)  # one decode for the model and the picture
         feeds = {"image": array[None], "target": np.array([index], dtype=np.int64)}
         logits, gradient, guided, gradcam = await asyncio.to_thread(self.saliency_session.run, None, feeds)
+        rows = await asyncio.to_thread(self._run, array[None])  # the embedding: saliency.onnx has none
+        [(score, ood)] = self._observe("/saliency", rows, array[None], [data])
         maps = {"gradient": gradient[0], "guided": guided[0], "gradcam": gradcam[0],
                 "guided_gradcam": guided[0] * gradcam[0][None]}
         heat, scale = reduce_map(maps[method])
@@ -156,10 +157,10 @@ class Classifier:
                                                      probability=float(probabilities[index]))
         if format == "json":
             return JSONResponse(SaliencyMap(method=method, target=explained, prediction=top, scale=scale,
-                                            map=np.round(heat, 4).tolist()).model_dump())
+                                            map=np.round(heat, 4).tolist(), ood_score=score, ood=ood).model_dump())
         png = await self._in_pool(saliency_png, square, heat)
-        return Response(png, media_type="image/png",
-                        headers={"X-Target": explained.label, "X-Prediction": top.label, "X-Method": method})
+        headers = {"X-Target": explained.label, "X-Prediction": top.label, "X-Method": method}
+        return Response(png, media_type="image/png", headers=headers | monitoring.ood_headers(score, ood))
 
     # ------------------------------------------------------------------ the typed APIs
     @bentoml.api
@@ -180,6 +181,12 @@ class Classifier:
         """Where the model looks: ``method``'s map for ``target``; ``png``: a heat overlay on the
         upload's centre square (at most 512 px, :mod:`serving.render`); ``json``: the map as numbers."""
         return await self.explain(uploads.read_file(image, "image", SETTINGS), target, method, format)
+
+    @bentoml.api
+    async def feedback(self, image: Path, label: str) -> FeedbackStored:
+        """Store ``image`` with its right class ``label`` for review (``python -m pipeline.monitor feedback``)."""
+        return await monitoring.store_feedback(self.monitor, uploads.read_file(image, "image", SETTINGS), label,
+                                               SETTINGS, self.decoders)
 
     @bentoml.api(route="/metadata")
     def metadata(self) -> Metadata:

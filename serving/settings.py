@@ -12,11 +12,19 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.common.cpus import decode_threads, server_session_threads, server_workers, usable_cpus
 
 AUTO = -1  # a field left at AUTO is derived from the usable CPUs in from_env
+SWITCHES = {"on": "1", "true": "1", "yes": "1", "off": "0", "false": "0", "no": "0"}  # flags also read as words
+# Relative paths of the monitoring folders are resolved against the project root (the folder holding
+# serving/: the repository, or a Bento's src/), never against the working directory of the server.
+ROOT = Path(__file__).resolve().parent.parent
+PATH_VARIABLES = {"log_dir": ("SERVING_LOG_DIR", "artifacts/predictions"),
+                  "review_dir": ("SERVING_REVIEW_DIR", "artifacts/review"),
+                  "drift_report": ("SERVING_DRIFT_REPORT", "artifacts/monitor/drift.json")}
 
 
 def _var(name: str, default: Any, doc: str) -> Any:
@@ -46,6 +54,9 @@ class Settings:
     timeout_s: int = _var("SERVING_TIMEOUT", 30, "seconds to answer once the body has arrived → 503")
     max_scan_pixels: int = _var("SERVING_MAX_SCAN_PIXELS", 400_000_000,
                                 "a JPEG's scans × pixels: its decoding work (16 scans of 25 MP) → 422")
+    log: bool = _var("SERVING_LOG", True, "0 or off: no prediction log (SERVING_LOG_DIR)")
+    log_max_bytes: int = _var("SERVING_LOG_MAX_BYTES", 256 * 2**20,
+                              "the prediction log folder's bound; the oldest files are deleted past it")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, cpus: int | None = None) -> Settings:
@@ -54,6 +65,8 @@ class Settings:
         values: dict[str, Any] = {}
         for spec in dataclasses.fields(cls):
             name, text = spec.metadata["env"], env.get(spec.metadata["env"], "").strip()
+            if isinstance(spec.default, bool) and text.lower() in SWITCHES:
+                text = SWITCHES[text.lower()]
             try:
                 value = int(text) if text else spec.default
             except ValueError:
@@ -84,11 +97,30 @@ class Settings:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class MonitoringPaths:
+    """Where monitoring reads and writes: the prediction log folder, the feedback review folder, the
+    last drift verdict (``python -m pipeline.monitor --out``'s ``drift.json``). Never in /metadata."""
+
+    log_dir: Path
+    review_dir: Path
+    drift_report: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, root: Path = ROOT) -> MonitoringPaths:
+        """Each path from its variable (:data:`PATH_VARIABLES`), a relative one taken from ``root``."""
+        env = os.environ if env is None else env
+        return cls(**{name: root / Path(env.get(variable, "").strip() or default).expanduser()
+                      for name, (variable, default) in PATH_VARIABLES.items()})
+
+
 def describe() -> str:
     """A table of every setting: variable, value here, meaning."""
     settings = Settings.from_env()
     rows = [f"{f.metadata['env']:26} {getattr(settings, f.name)!s:>10}  {f.metadata['doc']}"
             for f in dataclasses.fields(Settings)]
+    paths = MonitoringPaths.from_env()
+    rows += [f"{variable:26} {getattr(paths, name)}" for name, (variable, _) in PATH_VARIABLES.items()]
     return "\n".join([f"usable CPUs: {usable_cpus()}", *rows])
 
 
