@@ -2,9 +2,9 @@
 
     python -m serving.store import-export artifacts/export [--tag-version V]
 
-``import-export`` copies a deployable folder (``classifier.onnx``, ``saliency.onnx`` and
-``model_card.json``: the output of ``python -m pipeline.export`` or of ``python -m
-pipeline.compare export-champion``) into a ``cnn-classifier`` model in the store
+``import-export`` copies a deployable folder (``classifier.onnx``, ``saliency.onnx``,
+``model_card.json`` and, since monitoring, ``reference.npz``: the output of ``python -m
+pipeline.export`` or of ``python -m pipeline.compare export-champion``) into a ``cnn-classifier`` model in the store
 (``$BENTOML_HOME``, default ``~/bentoml``), labelled from its model card, and prints the tag.
 Importing the same deployable again reuses the stored one. ``bentoml build`` packs it.
 
@@ -32,6 +32,12 @@ MLFLOW_ALIASES = frozenset({"champion", "candidate"})
 
 class ModelNotFound(LookupError):
     """``SERVING_MODEL`` names nothing usable; the message says what was tried."""
+
+
+def deployable_files(card: ModelCard) -> list[str]:
+    """What makes up the deployable: :data:`DEPLOYABLE_FILES` and every other file the card hashes
+    (``reference.npz``, the monitoring reference, when the export wrote one)."""
+    return [*DEPLOYABLE_FILES, *sorted(set(card.files) - set(DEPLOYABLE_FILES))]
 
 
 def read_deployable(path: Path) -> ModelCard:
@@ -148,7 +154,8 @@ def import_export(export_dir: str | Path, alias: str = "", tag_version: str | No
             return str(model.tag)
     name = f"{MODEL_NAME}:{tag_version}" if tag_version else MODEL_NAME
     with bentoml.models.create(name=name, labels=labels, metadata=card.model_dump()) as model:
-        for file in DEPLOYABLE_FILES:
+        # the ONNX files and, for a model exported with monitoring, reference.npz: every file the card hashes
+        for file in deployable_files(card):
             shutil.copy2(export_dir / file, Path(model.path) / file)
         if (export_dir / EXAMPLES_FILE).exists():  # optional: the web UI's bundled test images
             shutil.copy2(export_dir / EXAMPLES_FILE, Path(model.path) / EXAMPLES_FILE)

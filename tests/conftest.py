@@ -158,6 +158,31 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_export(tmp_path_factory.mktemp("export"))
 
 
+def pattern_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` :func:`pattern_image` s per class (uint8 N×1×32×32) and their labels, from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), count)
+    return np.stack([pattern_image(int(k), rng)[None] for k in labels]), labels
+
+
+def add_pattern_reference(folder: Path) -> Path:
+    """Give the export in ``folder`` its ``reference.npz`` (:func:`pipeline.lib.reference.add_reference`),
+    fitted on pattern images (training split: seed 1, validation: seed 2)."""
+    from pipeline.common.contract import ModelCard
+    from pipeline.lib.reference import add_reference
+
+    add_reference(folder, ModelCard.read(folder), pattern_split(60, 1), pattern_split(100, 2)[0])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def monitored_model(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving fixture model with a monitoring reference (``reference.npz``, ``ood_threshold`` in the card)."""
+    folder = tmp_path_factory.mktemp("monitored") / "export"
+    shutil.copytree(exported_model, folder)
+    return add_pattern_reference(folder)
+
+
 # ----------------------------------------------------------------------------- project copies
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
