@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from serving.schemas import BatchPredictions, Metadata, Predictions, SaliencyMap
+from serving.schemas import BatchPredictions, FeedbackStored, Metadata, Predictions, SaliencyMap
 from serving.settings import Settings
 
 REF = "#/components/schemas/{model}"
@@ -73,8 +73,8 @@ def _operation(name: str, summary: str, body: dict | None, ok: dict[str, Any], e
 
 def contract_spec(classes: list[str], settings: Settings, version: str) -> dict[str, Any]:
     """The OpenAPI 3.0 description of the service's HTTP contract."""
-    _, defs = models_json_schema([(m, "serialization") for m in (Predictions, BatchPredictions, SaliencyMap, Metadata)],
-                                 ref_template=REF)
+    models = (Predictions, BatchPredictions, SaliencyMap, Metadata, FeedbackStored)
+    _, defs = models_json_schema([(m, "serialization") for m in models], ref_template=REF)
     image = {"type": "string", "format": "binary", "minLength": 1, "description": "the image file"}
     k = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5, "description": "how many classes"}
     target = {"nullable": True, "default": None,
@@ -86,6 +86,7 @@ def contract_spec(classes: list[str], settings: Settings, version: str) -> dict[
                                 "default": "guided"},
                      "format": {"type": "string", "enum": ["png", "json"], "default": "png"}}
     batch = {"type": "array", "items": image, "minItems": 1, "maxItems": settings.max_files}
+    label = {"type": "string", "enum": list(classes) or ["?"], "description": "the right class of the image"}
     metadata = _operation("metadata", "what is being served", None, _json("Metadata"), ())
     probe = {"get": {"summary": "health probe", "tags": ["Infrastructure"],
                      "responses": {"200": {"description": "ok", "content": TEXT}}}}
@@ -106,6 +107,13 @@ def contract_spec(classes: list[str], settings: Settings, version: str) -> dict[
                 "saliency", "where the model looks", _form(saliency_form, ["image"]),
                 {"image/png": {"schema": {"type": "string", "format": "binary"}}, **_json("SaliencyMap")},
                 IMAGE_ERRORS)},
+            "/feedback": {"post": _operation("feedback", "this image is of class `label`: stored for review",
+                                             _form({"image": image, "label": label}, ["image", "label"]),
+                                             _json("FeedbackStored"), IMAGE_ERRORS)},
+            "/monitoring": {"get": {"summary": "predicted classes since start, the reference's, the last drift "
+                                               "verdict (the web UI's panel)", "tags": ["Infrastructure"],
+                                    "responses": {"200": {"description": "ok", "content": {"application/json": {
+                                        "schema": {"type": "object"}}}}}}},
             "/metadata": {"get": {**metadata, "operationId": "metadata_get"},
                           "post": {**_operation("metadata", "what is being served (for BentoML's clients)", None,
                                                 _json("Metadata"), ("400", "413", "503")),

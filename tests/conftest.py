@@ -158,6 +158,19 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_export(tmp_path_factory.mktemp("export"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def monitoring_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every service a test starts (in-process or ``LocalServer``, which inherits the environment) logs
+    predictions, stores feedback and reads the drift verdict under a temporary folder, never in artifacts/."""
+    root = tmp_path_factory.mktemp("serving_monitoring")
+    names = {"SERVING_LOG_DIR": root / "predictions", "SERVING_REVIEW_DIR": root / "review",
+             "SERVING_DRIFT_REPORT": root / "monitor" / "drift.json"}
+    with pytest.MonkeyPatch.context() as patch:
+        for variable, path in names.items():
+            patch.setenv(variable, str(path))
+        yield root
+
+
 def pattern_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``count`` :func:`pattern_image` s per class (uint8 N×1×32×32) and their labels, from one seeded generator."""
     rng = np.random.default_rng(seed)

@@ -138,7 +138,7 @@ def test_panel_shows_traffic_reference_and_the_last_drift_verdict(monitored, pat
     assert sum(panel["reference"].values()) == 300 and set(panel["reference"]) == set(monitored.classes)
     paths.drift_report.parent.mkdir(parents=True, exist_ok=True)
     signals = {"confidence": {"drift": True}, "embedding": {"drift": False}}
-    paths.drift_report.write_text(json.dumps({"drift": True, "model": {"version": "7"}, "window": {"count": 300},
+    paths.drift_report.write_text(json.dumps({"drift": True, "model": {"version": "7"}, "window": {"records": 300},
                                               "signals": signals}))
     verdict = monitored.monitor.panel()["drift"]
     assert verdict["checked"] and verdict["drift"] is True and verdict["signals"] == ["confidence"]

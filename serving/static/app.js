@@ -78,6 +78,66 @@ async function loadCard() {
   $("top-k-sub").textContent = `top-${topK()}`;
   const select = $("target");
   info.classes.forEach((name, index) => select.append(new Option(`${index}: ${name}`, String(index))));
+  info.classes.forEach((name) => $("feedback-label").append(new Option(name, name)));
+}
+
+// The monitoring panel: GET /monitoring (class counts of every worker since start, the reference's,
+// the last drift verdict); a failure leaves the panel as it was and says so.
+async function loadMonitoring() {
+  const response = await fetch("/monitoring");
+  if (!response.ok) {
+    $("drift-verdict").textContent = "The monitoring summary is not available right now.";
+    return;
+  }
+  const panel = await response.json();
+  const share = (counts, name) => {
+    if (!counts) return "–";
+    const total = Object.values(counts).reduce((a, b) => a + b, 0);
+    return total ? `${counts[name]} (${((100 * counts[name]) / total).toFixed(1)}%)` : "0";
+  };
+  const body = $("class-table").querySelector("tbody");
+  body.replaceChildren();
+  for (const name of state.info.classes) {
+    const row = document.createElement("tr");
+    row.dataset.class = name;
+    for (const text of [name, share(panel.traffic, name), share(panel.reference, name)]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  }
+  const drift = panel.drift;
+  const verdict = $("drift-verdict");
+  verdict.classList.toggle("drift", Boolean(drift.checked && drift.drift));
+  if (!drift.checked) {
+    verdict.textContent = drift.message;
+  } else {
+    const span = drift.window && drift.window.records ? `, last ${drift.window.records} predictions` : "";
+    const version = drift.model && drift.model.version ? `model version ${drift.model.version}` : "the model";
+    verdict.textContent = drift.drift
+      ? `Drift (${drift.time}): ${version}${span} differ from the reference in ${drift.signals.join(", ")}.`
+      : `No drift (${drift.time}): ${version}${span} match the reference.`;
+  }
+}
+
+async function sendFeedback(event) {
+  event.preventDefault();
+  const label = $("feedback-label").value;
+  $("feedback-status").classList.remove("error");
+  $("feedback-status").textContent = "Sending…";
+  const data = new FormData();
+  data.append("image", state.image, "upload");
+  data.append("label", label);
+  const response = await fetch("/feedback", { method: "POST", body: data });
+  if (response.ok) {
+    $("feedback-status").textContent = `Thank you: stored as ${label} for review.`;
+  } else {
+    const err = await apiError("POST /feedback", response);
+    $("feedback-status").classList.add("error");
+    $("feedback-status").textContent = err.message;
+    $("feedback-status").title = err.detail;
+  }
 }
 
 async function loadExamples() {
@@ -219,6 +279,11 @@ async function run() {
     const body = await response.json();
     if (generation !== state.generation) return;
     showBars(body.predictions);
+    $("ood-warning").hidden = body.ood !== true;
+    $("feedback").hidden = false;
+    $("feedback-status").textContent = "";
+    $("feedback-label").value = body.predictions[0].label;
+    loadMonitoring().catch(() => {});
     setStatus("Computing saliency maps…");
     await loadMaps(generation);
     if (generation !== state.generation) return;
@@ -228,6 +293,8 @@ async function run() {
     if (generation !== state.generation) return;
     $("top1").textContent = "–";
     $("bars").replaceChildren();
+    $("ood-warning").hidden = true;
+    $("feedback").hidden = true;
     clearMaps();
     setStatus(err.message, true, err.detail || "");
     document.body.dataset.state = "error";
@@ -256,6 +323,7 @@ function wireInputs() {
     for (const overlay of document.querySelectorAll(".map .overlay")) overlay.style.opacity = value;
   });
   $("target").addEventListener("change", () => { if (state.image) run(); });
+  $("feedback").addEventListener("submit", (event) => { sendFeedback(event).catch((err) => { $("feedback-status").textContent = `Not sent: ${err.message}`; }); });
 }
 
 async function start() {
@@ -264,6 +332,7 @@ async function start() {
     await loadCard();
     buildMapPanels();
     await loadExamples();
+    await loadMonitoring();
     setStatus("Ready: upload an image or pick an example.");
     document.body.dataset.state = "ready";
   } catch (err) {
