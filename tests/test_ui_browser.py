@@ -8,17 +8,20 @@ examples, and never make a request off this machine. Screenshots land in the tes
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from pipeline.common import colormap, images
+from pipeline.common.features import feature_records, load_reference
 from pipeline.export import write_examples
 from pipeline.lib.local_server import LocalServer
 from tests.conftest import SERVING_CLASSES, pattern_image
@@ -40,10 +43,11 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def ui_model(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The serving fixture model plus ``examples.npz`` written by the export stage's function."""
+def ui_model(monitored_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving fixture model (with its monitoring reference) plus ``examples.npz`` written by the export
+    stage's function."""
     folder = tmp_path_factory.mktemp("ui_model") / "export"
-    shutil.copytree(exported_model, folder)
+    shutil.copytree(monitored_model, folder)
     rng = np.random.default_rng(5)
     labels = np.array([0, 1, 2, 1])
     write_examples(folder, np.stack([pattern_image(int(k), rng)[None] for k in labels]), labels)
@@ -51,8 +55,16 @@ def ui_model(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def server(ui_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    running = LocalServer(tmp_path_factory.mktemp("bentoml_home"), SERVING_MODEL=str(ui_model))
+def monitoring_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's review folder (``review/``) and drift verdict (``drift.json``)."""
+    return tmp_path_factory.mktemp("ui_monitoring")
+
+
+@pytest.fixture(scope="module")
+def server(ui_model: Path, monitoring_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    running = LocalServer(tmp_path_factory.mktemp("bentoml_home"), SERVING_MODEL=str(ui_model),
+                          SERVING_REVIEW_DIR=str(monitoring_dir / "review"),
+                          SERVING_DRIFT_REPORT=str(monitoring_dir / "drift.json"))
     running.wait_ready()
     yield running
     assert running.stop() == 0, running.log()
@@ -187,3 +199,81 @@ def assert_no_broken_maps(page) -> None:
 def server_bytes(page, path: str) -> bytes:
     """A file of the page's origin fetched through the browser (so it is recorded with the rest)."""
     return bytes(page.evaluate(f"async () => [...new Uint8Array(await (await fetch('{path}')).arrayBuffer())]"))
+
+
+def offline_ood(model_dir: Path, blob: bytes) -> bool:
+    """Whether the service must flag ``blob`` out-of-distribution: the same features, computed here."""
+    pixels = images.preprocess(blob, SIZE, CHANNELS)[None]
+    session = ort.InferenceSession(str(model_dir / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    probabilities, embedding = session.run(["probabilities", "embedding"], {"image": pixels})
+    [record] = feature_records(probabilities, embedding, pixels, SERVING_CLASSES, load_reference(model_dir))
+    return record["ood"]
+
+
+def test_the_page_warns_out_of_distribution_takes_feedback_and_shows_monitoring(
+        server: LocalServer, ui_model: Path, monitoring_dir: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    upload = tmp_path / "photo.png"
+    upload.write_bytes(photo(160, 120, seed=3))
+    assert offline_ood(ui_model, upload.read_bytes()) is True  # a colour photo, unlike the striped training images
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(server.url + "/ui/")
+        page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+        assert page.text_content("#drift-verdict") == "no drift check yet"
+        reference = {name: page.text_content(f"#class-table tr[data-class='{name}'] td:nth-child(3)")
+                     for name in SERVING_CLASSES}
+        panel = httpx.get(f"{server.url}/monitoring").json()
+        total = sum(panel["reference"].values())
+        assert reference == {name: f"{n} ({100 * n / total:.1f}%)" for name, n in panel["reference"].items()}
+        assert not page.is_visible("#ood-warning") and not page.is_visible("#feedback")
+
+        # Out of distribution: the plain warning, and the feedback control beside the answer.
+        expected = onnx_top1(ui_model, upload.read_bytes())
+        page.set_input_files("#file", str(upload))
+        wait_done(page, expected, expected)
+        assert page.is_visible("#ood-warning")
+        assert " ".join(page.text_content("#ood-warning").split()) == (
+            "This image looks unlike the training data; the prediction may be meaningless.")
+        page.screenshot(path=tmp_path / "5-ood-warning.png", full_page=True)
+
+        # Wrong? It is: owl. The image and the label land in the review folder.
+        page.select_option("#feedback-label", "owl")
+        page.click("#feedback-send")
+        page.wait_for_function("document.getElementById('feedback-status').textContent.startsWith('Thank you')",
+                               timeout=30_000)
+        assert page.text_content("#feedback-status") == "Thank you: stored as owl for review."
+        [item] = [json.loads(p.read_text()) for p in (monitoring_dir / "review").glob("*.json")]
+        assert item["label"] == "owl"
+        assert (monitoring_dir / "review" / item["image"]).read_bytes() == upload.read_bytes()
+
+        # A bundled test image like the training split's: no warning.
+        example = server_bytes(page, "examples/0.png")
+        assert offline_ood(ui_model, example) is False
+        page.click("#examples button >> nth=0")
+        wait_done(page, onnx_top1(ui_model, example), onnx_top1(ui_model, example))
+        assert not page.is_visible("#ood-warning")
+        # The traffic column counts what this server answered (both workers), by predicted class.
+        page.wait_for_function(
+            "[...document.querySelectorAll('#class-table td:nth-child(2)')].some((td) => td.textContent !== '0')",
+            timeout=30_000)
+        traffic = httpx.get(f"{server.url}/monitoring").json()["traffic"]
+        assert set(traffic) == set(SERVING_CLASSES) and traffic[expected] >= 1
+
+        # The last drift check, as `python -m pipeline.monitor` writes it.
+        (monitoring_dir / "drift.json").write_text(json.dumps({
+            "drift": True, "model": {"version": "7"}, "window": {"records": 300},
+            "signals": {"mean_intensity": {"drift": True}, "embedding": {"drift": True},
+                        "confidence": {"drift": False}}}))
+        page.reload()
+        page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+        verdict = page.text_content("#drift-verdict")
+        assert verdict.startswith("Drift (") and verdict.endswith(
+            "model version 7, last 300 predictions differ from the reference in embedding, mean_intensity."), verdict
+        page.screenshot(path=tmp_path / "6-monitoring.png", full_page=True)
+        browser.close()
+    assert problems == [], problems
