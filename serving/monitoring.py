@@ -71,9 +71,12 @@ class Monitor:
                                        sha256_file(model_dir / CARD_FILE))
         self.log: PredictionLog | None = None
         if settings.log:
-            # every worker holds one open file: together they stay within half the bound
-            file_bytes = min(DEFAULT_FILE_BYTES, settings.log_max_bytes // (2 * max(1, settings.workers)))
-            self.log = PredictionLog(paths.log_dir, max_bytes=settings.log_max_bytes, file_bytes=file_bytes)
+            # Each worker deletes the oldest files down to its bound minus one file when it rotates, while
+            # the other workers' open files keep growing: a bound less their files keeps the folder in its bound.
+            workers = max(1, settings.workers)
+            file_bytes = min(DEFAULT_FILE_BYTES, settings.log_max_bytes // (2 * workers))
+            bound = settings.log_max_bytes - (workers - 1) * file_bytes
+            self.log = PredictionLog(paths.log_dir, max_bytes=bound, file_bytes=file_bytes)
             log.info("prediction log: %s (bound %d bytes)", paths.log_dir, settings.log_max_bytes)
         self.dropped_seen = 0
 
