@@ -59,6 +59,7 @@ class Monitor:
 
     def __init__(self, model_dir: Path, card: ModelCard, settings: Settings, paths: MonitoringPaths) -> None:
         self.classes, self.paths, self.version = card.classes, paths, card.version
+        self.image_size, self.channels = card.image_size, card.channels
         try:
             self.reference: Reference | None = load_reference(model_dir)
         except ValueError as err:  # an incomplete reference: serve without OOD scores rather than not at all
@@ -79,6 +80,8 @@ class Monitor:
             self.log = PredictionLog(paths.log_dir, max_bytes=bound, file_bytes=file_bytes)
             log.info("prediction log: %s (bound %d bytes)", paths.log_dir, settings.log_max_bytes)
         self.dropped_seen = 0
+        for name in self.classes:  # every class has a series from the start: an alert on a rate sees 0, not nothing
+            PREDICTIONS.labels(name)
 
     def observe(self, endpoint: str, probabilities: np.ndarray, embedding: np.ndarray, pixels: np.ndarray,
                 blobs: Sequence[bytes]) -> list[tuple[float | None, bool | None]]:
@@ -117,7 +120,7 @@ def ood_headers(score: float | None, ood: bool | None) -> dict[str, str]:
 
 async def store_feedback(monitor: Monitor, data: bytes, label: str, settings: Settings,
                          pool: Executor) -> FeedbackStored:
-    """``POST /feedback``: the upload checked as for ``/predict`` (413/415/422), the label as a class (400), stored.
+    """``POST /feedback``: the label checked as a class (400), the upload as for ``/predict`` (413/415/422), stored.
 
     Args:
         monitor: the worker's :class:`Monitor` (the classes, the model version, the review folder).
@@ -129,6 +132,9 @@ async def store_feedback(monitor: Monitor, data: bytes, label: str, settings: Se
     if label not in monitor.classes:
         raise FieldError(f"label: {label!r} is not a class of this model (one of: {', '.join(monitor.classes)})")
     await loop.run_in_executor(pool, uploads.check_upload, data, "image", settings)
+    # decoded whole, as /predict would: a truncated file must not reach the dataset and break preprocess
+    await loop.run_in_executor(pool, uploads.decode_upload, data, "image", monitor.image_size, monitor.channels,
+                               settings)
     try:
         path = await loop.run_in_executor(pool, write_feedback, monitor.paths.review_dir, data, label,
                                           monitor.classes, monitor.version)
