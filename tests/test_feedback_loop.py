@@ -1,4 +1,5 @@
-"""The feedback loop end to end: feedback on 5 images, ``monitor feedback``, ``dvc add data``, ``dvc repro``."""
+"""The feedback loop end to end: feedback on 5 images through a real server's ``POST /feedback``, ``monitor
+feedback``, ``dvc add data``, ``dvc repro``."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import io
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.common.contract import ModelCard
-from pipeline.common.feedback import write_feedback
+from pipeline.lib.local_server import LocalServer
 from tests.conftest import add_dataset, copy_project, sh
 
 TINY = {
-    "preprocess": {"size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "workers": 2},
+    "preprocess": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "workers": 2},
     "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "threads": 2},
     "evaluate": {"saliency_per_class": 1},
 }
@@ -37,8 +39,17 @@ def test_feedback_reaches_the_next_training_run(tmp_path: Path) -> None:
     sh(repo, "dvc", "repro")
     card = ModelCard.read(repo / "artifacts" / "export")
     review = repo / "artifacts" / "review"
-    for i in range(5):  # what /feedback stores: the upload and the right label
-        write_feedback(review, upload(i), card.classes[i % 3], card.classes, card.version, predicted=card.classes[0])
+    server = LocalServer(tmp_path, SERVING_MODEL=str(repo / "artifacts" / "export"), SERVING_WORKERS="1",
+                         SERVING_REVIEW_DIR=str(review), SERVING_LOG_DIR=str(tmp_path / "predictions"))
+    try:
+        server.wait_ready()
+        for i in range(5):  # "Wrong? It is: ..." from the web UI: the upload and the right label
+            answer = httpx.post(f"{server.url}/feedback", files={"image": ("photo.png", upload(i))},
+                                data={"label": card.classes[i % 3]}, timeout=30)
+            assert answer.status_code == 200, answer.text
+    finally:
+        assert server.stop() == 0, server.log()
+    assert len(list(review.glob("*.json"))) == 5
 
     out = sh(repo, "bin/python", "-m", "pipeline.monitor", "feedback", "--review", "artifacts/review", "--out", "data",
              "--model", "artifacts/export")
