@@ -151,7 +151,7 @@ def test_dvc_remote_add_keeps_the_committed_dvc_config(tmp_path: Path):
 
 # ----------------------------------------------------------------------------- the slow run
 TINY = {  # the pipeline as committed, only smaller: the commands are the README's, the minutes are not
-    "preprocess": {"size": 32, "workers": 1},
+    "preprocess": {"image_size": 32, "workers": 1},
     "train": {"epochs": 2, "threads": 1, "device": "cpu"},
     "evaluate": {"saliency_per_class": 1},
 }
