@@ -147,7 +147,7 @@ def import_export(export_dir: str | Path, alias: str = "", tag_version: str | No
                 (tag_version is None or model.tag.version == tag_version):
             return str(model.tag)
     name = f"{MODEL_NAME}:{tag_version}" if tag_version else MODEL_NAME
-    with bentoml.models.create(name=name, labels=labels, metadata=card.model_dump()) as model:
+    with bentoml.models.create(name=name, labels=labels, metadata=card.model_dump(exclude_none=True)) as model:
         for file in DEPLOYABLE_FILES:
             shutil.copy2(export_dir / file, Path(model.path) / file)
         if (export_dir / EXAMPLES_FILE).exists():  # optional: the web UI's bundled test images
