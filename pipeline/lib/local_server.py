@@ -78,8 +78,13 @@ def describe_front() -> str:
 
 
 def front_binary() -> str:
-    """The nginx executable (``/usr/sbin`` is off a normal user's PATH); a one-line error when absent."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    """The nginx executable: ``FRONT_NGINX`` if set, else ``nginx`` on PATH or in ``/usr/sbin`` (off a
+    normal user's PATH); a one-line error naming the Debian package when there is none."""
+    configured = os.environ.get("FRONT_NGINX", "").strip()
+    if configured:
+        found = shutil.which(configured)
+    else:
+        found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
     if found is None:
         raise UserError(f"nginx not found: the HTTP front needs it; install the Debian package "
                         f"'{FRONT_PACKAGE}' (sudo apt-get install -y {FRONT_PACKAGE})")
@@ -91,7 +96,10 @@ def front_config(settings: FrontSettings, host: str, port: int, upstream: str, r
     values = {**dataclasses.asdict(settings), "host": host, "port": port, "upstream": upstream,
               "run_dir": str(run_dir), "front_workers": settings.workers,
               "max_requests_per_client": settings.max_requests_per_client or settings.max_requests,
-              "body_buffer_bytes": min(settings.max_body_bytes, 1024 * 1024)}
+              "body_buffer_bytes": min(settings.max_body_bytes, 1024 * 1024),
+              # nginx started by root runs its workers as "nobody", who cannot write the run folder
+              # (bodies over the buffer go to temp files there): keep them as the launching user.
+              "user_directive": "user root;" if os.geteuid() == 0 else ""}
     text = FRONT_TEMPLATE.read_text()
     for name, value in values.items():
         text = text.replace("{{" + name + "}}", str(value))
