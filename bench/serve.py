@@ -37,13 +37,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from pipeline.common import images
+from pipeline.common.cpus import usable_cpus
+from pipeline.lib.local_server import LocalServer
+from serving.settings import Settings
 
-from pipeline.common import images  # noqa: E402
-from pipeline.common.cpus import usable_cpus  # noqa: E402
-from pipeline.lib.local_server import LocalServer  # noqa: E402
-from serving.settings import Settings  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BOUNDARY = "bench-serve-boundary-7f3a9c"
 
