@@ -327,6 +327,15 @@ def test_no_version_in_server_headers(http: httpx.Client) -> None:
     assert http.get("/nope").status_code == 404  # the service's own errors pass through unchanged
 
 
+@pytest.mark.timeout(180)
+def test_trace_which_nginx_refuses_itself_is_a_json_405_with_allow(http: httpx.Client) -> None:
+    for path, allow in (("/predict", "POST"), ("/metadata?x=1", "GET, POST"), ("/readyz", "GET, HEAD")):
+        response = http.request("TRACE", path)
+        assert response.status_code == 405 and response.headers["allow"] == allow, (path, response.headers)
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.json() == {"error": f"method: TRACE is not allowed; allowed: {allow}"}
+
+
 # ----------------------------------------------------------------------------- the launcher
 def running(pids: list[int]) -> list[str]:
     """The command lines of those of ``pids`` still running (zombies are gone)."""
