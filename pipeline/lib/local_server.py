@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from pipeline.common.cpus import usable_cpus
 from pipeline.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +45,12 @@ class FrontSettings:
     body_timeout_s: int = _var("FRONT_BODY_TIMEOUT", 20, "seconds between two reads of the body → closed (408)")
     answer_timeout_s: int = _var("FRONT_ANSWER_TIMEOUT", 60,
                                  "seconds between two reads of the service's answer → 503 (above SERVING_TIMEOUT)")
-    max_requests: int = _var("FRONT_MAX_REQUESTS", 128,
-                             "requests in progress (body arriving or with the service) → 503 + Retry-After")
+    max_requests: int = _var("FRONT_MAX_REQUESTS", 512,
+                             "requests in progress (body arriving or with the service) → 503 + Retry-After, "
+                             "before the body is read")
+    max_service_requests: int = _var("FRONT_MAX_SERVICE_REQUESTS", 0,
+                                     "requests with the service at once (bodies in) → 503 + Retry-After "
+                                     "(0: 16 per usable CPU)")
     max_requests_per_client: int = _var("FRONT_MAX_REQUESTS_PER_CLIENT", 0,
                                         "requests in progress from one IP address → 503 (0: FRONT_MAX_REQUESTS)")
     max_connections: int = _var("FRONT_MAX_CONNECTIONS", 4096,
@@ -64,7 +69,7 @@ class FrontSettings:
                 value = int(text) if text else spec.default
             except ValueError:
                 raise UserError(f"{name}={text!r}: expected an integer") from None
-            if value < (0 if spec.name == "max_requests_per_client" else 1):
+            if value < (0 if spec.name in ("max_requests_per_client", "max_service_requests") else 1):
                 raise UserError(f"{name}={value}: must be >= 1")
             values[spec.name] = value
         return cls(**values)
@@ -96,6 +101,7 @@ def front_config(settings: FrontSettings, host: str, port: int, upstream: str, r
     values = {**dataclasses.asdict(settings), "host": host, "port": port, "upstream": upstream,
               "run_dir": str(run_dir), "front_workers": settings.workers,
               "max_requests_per_client": settings.max_requests_per_client or settings.max_requests,
+              "max_service_requests": settings.max_service_requests or 16 * usable_cpus(),
               "body_buffer_bytes": min(settings.max_body_bytes, 1024 * 1024),
               # nginx started by root runs its workers as "nobody", who cannot write the run folder
               # (bodies over the buffer go to temp files there): keep them as the launching user.
