@@ -64,6 +64,7 @@ lint: setup
 # nginx) on PORT in front of `bentoml serve` on a loopback port; Ctrl-C stops both. Its limits are
 # FRONT_* variables (docs/deployment.md; `python -m pipeline.serve --limits` prints them).
 serve: setup
+	@python -m pipeline.serve --check
 	@dir=$$(python -m pipeline.compare serve-source --champion-out artifacts/champion --export artifacts/export) \
 	&& alias=$$(if [ "$$dir" = artifacts/champion ]; then echo champion; fi) \
 	&& tag=$$(python -m serving.store import-export "$$dir" --alias "$$alias") \
@@ -73,6 +74,7 @@ serve: setup
 # The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry
 # (both ONNX files and the card of one model version) and served by its exact store tag.
 serve-champion: setup
+	@python -m pipeline.serve --check
 	python -m pipeline.compare export-champion --out artifacts/champion
 	tag=$$(python -m serving.store import-export artifacts/champion --alias champion) && \
 	echo "serving $$tag (the MLflow champion)" && \

@@ -3,6 +3,7 @@
     python -m pipeline.serve                      # front on 0.0.0.0:$PORT (3000), service on a loopback port
     python -m pipeline.serve --host 127.0.0.1 --port 8080
     python -m pipeline.serve --limits             # the front's FRONT_* settings as they resolve here
+    python -m pipeline.serve --check              # only: is nginx installed? (one line and exit 1 if not)
 
 The model is the service's (``SERVING_MODEL``; ``make serve`` sets it). Ctrl-C (or SIGTERM) stops
 both processes. For a container behind an ingress, run ``bentoml serve serving.service:Classifier``
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common.errors import run_command
-from pipeline.lib.local_server import describe_front, run_stack
+from pipeline.lib.local_server import describe_front, front_binary, run_stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="nginx's folder (config, pid, temp files, access log); default a temp folder")
     parser.add_argument("--limits", action="store_true", help="print the front's settings and exit")
+    parser.add_argument("--check", action="store_true", help="check that nginx is installed and exit")
     args = parser.parse_args(argv)
     if args.limits:
         print(describe_front())
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         nonlocal status
+        if args.check:
+            front_binary()
+            return
         status = run_stack(args.host, args.port, args.run_dir, args.service_port)
 
     return run_command(body) or status

@@ -373,9 +373,10 @@ def test_sigint_to_the_launcher_stops_the_front_and_the_service(exported_model: 
 @pytest.mark.timeout(180)
 def test_a_missing_nginx_is_one_line_naming_the_debian_package(tmp_path: Path) -> None:
     env = {**os.environ, "FRONT_NGINX": str(tmp_path / "nginx")}  # where no nginx is
-    done = subprocess.run([sys.executable, "-m", "pipeline.serve", "--port", "0"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env=env)
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "error: nginx not found: the HTTP front needs it; install the Debian package 'nginx' "
-        "(sudo apt-get install -y nginx)"], done.stderr
+    line = ("error: nginx not found: the HTTP front needs it; install the Debian package 'nginx' "
+            "(sudo apt-get install -y nginx)")
+    for check in ([], ["--check"]):  # `make serve` runs --check first, before importing the model
+        done = subprocess.run([sys.executable, "-m", "pipeline.serve", "--port", "0", *check], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [line], done.stderr
+    assert subprocess.run([sys.executable, "-m", "pipeline.serve", "--check"], cwd=ROOT, timeout=60).returncode == 0
