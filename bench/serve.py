@@ -325,7 +325,7 @@ def main() -> int:
         "defaults, spin on": {"SERVING_ORT_SPINNING": "1"},
         "defaults, 2 decode threads": {"SERVING_DECODE_THREADS": "2"},
         "front: 2 nginx workers": {"FRONT_WORKERS": "2"},
-        "front: FRONT_MAX_SERVICE_REQUESTS=32": {"FRONT_MAX_SERVICE_REQUESTS": "32"},
+        "front: FRONT_MAX_SERVICE_REQUESTS=64": {"FRONT_MAX_SERVICE_REQUESTS": "64"},
     }
     table1 = ceilings()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as home:

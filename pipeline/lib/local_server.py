@@ -50,7 +50,7 @@ class FrontSettings:
                              "before the body is read")
     max_service_requests: int = _var("FRONT_MAX_SERVICE_REQUESTS", 0,
                                      "requests with the service at once (bodies in) → 503 + Retry-After "
-                                     "(0: 32 per usable CPU)")
+                                     "(0: 16 per usable CPU)")
     max_requests_per_client: int = _var("FRONT_MAX_REQUESTS_PER_CLIENT", 0,
                                         "requests in progress from one IP address → 503 (0: FRONT_MAX_REQUESTS)")
     max_connections: int = _var("FRONT_MAX_CONNECTIONS", 4096,
@@ -101,7 +101,7 @@ def front_config(settings: FrontSettings, host: str, port: int, upstream: str, r
     values = {**dataclasses.asdict(settings), "host": host, "port": port, "upstream": upstream,
               "run_dir": str(run_dir), "front_workers": settings.workers,
               "max_requests_per_client": settings.max_requests_per_client or settings.max_requests,
-              "max_service_requests": settings.max_service_requests or 32 * usable_cpus(),
+              "max_service_requests": settings.max_service_requests or 16 * usable_cpus(),
               "body_buffer_bytes": min(settings.max_body_bytes, 1024 * 1024),
               # nginx started by root runs its workers as "nobody", who cannot write the run folder
               # (bodies over the buffer go to temp files there): keep them as the launching user.
