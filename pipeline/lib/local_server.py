@@ -17,13 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from pipeline.common.cpus import usable_cpus
+from pipeline.common.envsettings import describe as env_lines
+from pipeline.common.envsettings import env_field, read_env
 from pipeline.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,54 +34,39 @@ FRONT_PACKAGE = "nginx"  # the Debian package with /usr/sbin/nginx
 STOP_GRACE_S = 20
 
 
-def _var(name: str, default: int, doc: str) -> Any:
-    return field(default=default, metadata={"env": name, "doc": doc})
-
-
 @dataclass(frozen=True)
 class FrontSettings:
     """The front's limits, each read from the ``FRONT_*`` variable in its metadata (integers)."""
 
-    max_body_bytes: int = _var("FRONT_MAX_BODY_BYTES", 10 * 1024 * 1024, "request body limit → 413 (JSON)")
-    header_timeout_s: int = _var("FRONT_HEADER_TIMEOUT", 10, "seconds for the whole header block → closed (408)")
-    body_timeout_s: int = _var("FRONT_BODY_TIMEOUT", 20, "seconds between two reads of the body → closed (408)")
-    answer_timeout_s: int = _var("FRONT_ANSWER_TIMEOUT", 60,
+    max_body_bytes: int = env_field("FRONT_MAX_BODY_BYTES", 10 * 1024 * 1024, "request body limit → 413 (JSON)")
+    header_timeout_s: int = env_field("FRONT_HEADER_TIMEOUT", 10, "seconds for the whole header block → closed (408)")
+    body_timeout_s: int = env_field("FRONT_BODY_TIMEOUT", 20, "seconds between two reads of the body → closed (408)")
+    answer_timeout_s: int = env_field("FRONT_ANSWER_TIMEOUT", 60,
                                  "seconds between two reads of the service's answer → 503 (above SERVING_TIMEOUT)")
-    max_requests: int = _var("FRONT_MAX_REQUESTS", 512,
+    max_requests: int = env_field("FRONT_MAX_REQUESTS", 512,
                              "requests in progress (body arriving or with the service) → 503 + Retry-After, "
                              "before the body is read")
-    max_service_requests: int = _var("FRONT_MAX_SERVICE_REQUESTS", 0,
+    max_service_requests: int = env_field("FRONT_MAX_SERVICE_REQUESTS", 0,
                                      "requests with the service at once (bodies in) → 503 + Retry-After "
                                      "(0: 16 per usable CPU)")
-    max_requests_per_client: int = _var("FRONT_MAX_REQUESTS_PER_CLIENT", 0,
+    max_requests_per_client: int = env_field("FRONT_MAX_REQUESTS_PER_CLIENT", 0,
                                         "requests in progress from one IP address → 503 (0: FRONT_MAX_REQUESTS)")
-    max_connections: int = _var("FRONT_MAX_CONNECTIONS", 4096,
+    max_connections: int = env_field("FRONT_MAX_CONNECTIONS", 4096,
                                 "open connections per nginx worker, clients and service together")
-    backlog: int = _var("FRONT_BACKLOG", 4096, "connections waiting to be accepted (capped by net.core.somaxconn)")
-    workers: int = _var("FRONT_WORKERS", 1, "nginx worker processes (one serves thousands of connections)")
+    backlog: int = env_field("FRONT_BACKLOG", 4096, "connections waiting to be accepted (capped by net.core.somaxconn)")
+    workers: int = env_field("FRONT_WORKERS", 1, "nginx worker processes (one serves thousands of connections)")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> FrontSettings:
         """Settings from ``env`` (default ``os.environ``); a bad value is a :class:`UserError` naming it."""
-        env = os.environ if env is None else env
-        values = {}
-        for spec in dataclasses.fields(cls):
-            name, text = spec.metadata["env"], env.get(spec.metadata["env"], "").strip()
-            try:
-                value = int(text) if text else spec.default
-            except ValueError:
-                raise UserError(f"{name}={text!r}: expected an integer") from None
-            if value < (0 if spec.name in ("max_requests_per_client", "max_service_requests") else 1):
-                raise UserError(f"{name}={value}: must be >= 1")
-            values[spec.name] = value
+        values = read_env(cls, env, minimums={"max_requests_per_client": 0, "max_service_requests": 0},
+                          error=UserError)
         return cls(**values)
 
 
 def describe_front() -> str:
     """A table of the front's settings: variable, value here, meaning."""
-    settings = FrontSettings.from_env()
-    return "\n".join(f"{f.metadata['env']:30} {getattr(settings, f.name)!s:>10}  {f.metadata['doc']}"
-                     for f in dataclasses.fields(FrontSettings))
+    return "\n".join(env_lines(FrontSettings.from_env()))
 
 
 def front_binary() -> str:
