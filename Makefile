@@ -71,20 +71,25 @@ lint: setup
 
 # The champion from the MLflow registry if one was promoted, else the latest export; it says which.
 # Importing a deployable the store already holds reuses it. The web UI: http://localhost:$(PORT)/
+# `python -m pipeline.serve` runs nginx (the HTTP front, serving/front/nginx.conf; Debian package
+# nginx) on PORT in front of `bentoml serve` on a loopback port; Ctrl-C stops both. Its limits are
+# FRONT_* variables (docs/deployment.md; `python -m pipeline.serve --limits` prints them).
 serve: setup
+	@python -m pipeline.serve --check
 	@dir=$$(python -m pipeline.compare serve-source --champion-out artifacts/champion --export artifacts/export) \
 	&& alias=$$(if [ "$$dir" = artifacts/champion ]; then echo champion; fi) \
 	&& tag=$$(python -m serving.store import-export "$$dir" --alias "$$alias") \
 	&& echo "model store: $$tag; web UI on http://localhost:$(PORT)/" \
-	&& SERVING_MODEL=$$tag bentoml serve serving.service:Classifier --port $(PORT)
+	&& SERVING_MODEL=$$tag python -m pipeline.serve --port $(PORT)
 
 # The model promoted with `python -m pipeline.compare promote`, fetched from the MLflow registry
 # (both ONNX files and the card of one model version) and served by its exact store tag.
 serve-champion: setup
+	@python -m pipeline.serve --check
 	python -m pipeline.compare export-champion --out artifacts/champion
 	tag=$$(python -m serving.store import-export artifacts/champion --alias champion) && \
 	echo "serving $$tag (the MLflow champion)" && \
-	SERVING_MODEL=$$tag bentoml serve serving.service:Classifier --port $(PORT)
+	SERVING_MODEL=$$tag python -m pipeline.serve --port $(PORT)
 
 # Drift of the served model's last 300 logged predictions against its reference (docs/monitoring.md):
 # a table and a verdict; artifacts/monitor/drift.json and report.html; an MLflow run. Exit 3 on drift.
@@ -93,7 +98,8 @@ monitor: setup
 	python -m pipeline.monitor --log $(SERVING_LOG_DIR) --model artifacts/export --last 300 \
 		--out artifacts/monitor --fail-on-drift
 
-# The CPU benchmarks; bench/serve.py needs the exported model (`make run` first).
+# The CPU benchmarks; bench/serve.py needs the exported model (`make run` first) and nginx (it
+# measures the service through the front, as `make serve` runs it).
 # bench/gpu_check.py is for a CUDA machine and is run by hand.
 bench: setup
 	python bench/preprocess.py

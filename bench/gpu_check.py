@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models import build_model  # noqa: E402
-from pipeline.lib.config import TrainParams  # noqa: E402
-from pipeline.lib.engine import Context, build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
+from models import build_model
+from pipeline.lib.config import TrainParams
+from pipeline.lib.engine import Context, build_optimizer, build_scheduler, train_one_epoch
 
 GMAC_PER_IMAGE = 15.5
 

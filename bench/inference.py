@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models import build_model  # noqa: E402
-from models.graphs import ClassifierGraph, fold_adaptive_pool  # noqa: E402
-from models.saliency import METHODS, SaliencyGraph  # noqa: E402
-from pipeline.lib.onnx_export import export_onnx  # noqa: E402
+from models import build_model
+from models.graphs import ClassifierGraph, fold_adaptive_pool
+from models.saliency import METHODS, SaliencyGraph
+from pipeline.lib.onnx_export import export_onnx
 
 CASES = [("lenet5", 1, 224), ("vgg16", 3, 64)]
 

@@ -37,12 +37,11 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from pipeline.common import images
+from pipeline.lib.config import PreprocessParams
+from pipeline.preprocess import SPLITS, preprocess_folder
 
-from pipeline.common import images  # noqa: E402
-from pipeline.lib.config import PreprocessParams  # noqa: E402
-from pipeline.preprocess import SPLITS, preprocess_folder  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CACHE = ROOT / "bench" / ".cache" / "photos"
 STROKES = ROOT / "bench" / ".cache" / "strokes"

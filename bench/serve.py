@@ -3,20 +3,24 @@ slow uploaders and a maximum-size batch, every figure next to a baseline from th
 
     python bench/serve.py [--model-dir artifacts/export] [--duration 6] [--clients 32]
 
-Tables (each a real ``bentoml serve`` on loopback, the load from one asyncio process with
+Tables (each a real ``python -m pipeline.serve`` on loopback, nginx in front of ``bentoml serve``
+as ``make serve`` runs them, the load from one asyncio process with
 keep-alive connections and prebuilt requests, so the generator costs little CPU):
 
 1. ``/predict`` at ``--clients`` clients for several configurations (the defaults, batching
    off, 1 worker × all cores with onnxruntime spinning on and off, 2 workers × 1 thread with
-   spinning on, more decode threads) against the in-process ceiling (preprocess + onnxruntime
+   spinning on, more decode threads, the front's request limit and worker count) against the
+   in-process ceiling (preprocess + onnxruntime
    in a loop, measured before and after the servers: the better run counts on a shared machine).
 2. The overload ladder on the defaults: 1, 8, 32, 128, 512 clients that never pause, with
-   attempts/s, successes/s, p50/p99 of successes and of rejections, and status counts.
+   attempts/s, successes/s, p50/p99 of successes and of rejections, status counts, and the
+   RSS of the whole process tree (front, service, workers) before and after each step.
 3. 128 slow uploaders (1 byte/s) beside 8 normal clients, against the 8 alone.
 4. One client sending maximum-size batches (SERVING_MAX_FILES images totalling
    SERVING_MAX_BATCH_PIXELS) beside 8 normal clients, against the 8 alone.
 
-Then each target of issue 10, met or missed. The load generator shares the machine with the
+Every row carries the 1-minute load average at its end. Then each target of issues 10 and 18,
+met or missed. The load generator shares the machine with the
 server, so absolute figures are pessimistic; the ratios compare runs made minutes apart.
 """
 
@@ -37,13 +41,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from pipeline.common import images
+from pipeline.common.cpus import usable_cpus
+from pipeline.lib.local_server import LocalServer
+from serving.settings import Settings
 
-from pipeline.common import images  # noqa: E402
-from pipeline.common.cpus import usable_cpus  # noqa: E402
-from pipeline.lib.local_server import LocalServer  # noqa: E402
-from serving.settings import Settings  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BOUNDARY = "bench-serve-boundary-7f3a9c"
 
@@ -196,13 +199,30 @@ def server_cpu_s(server: LocalServer) -> float:
     return total
 
 
+def tree_rss_mb(server: LocalServer) -> float:
+    """Resident memory (MB) of the server's process tree: launcher, nginx, bentoml and its workers."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 1e6
+
+
 def measured(server: LocalServer, groups: list[tuple[int, list[bytes]]], duration: float, **kwargs) -> tuple:
-    """:func:`run_load`, the first group's row carrying the server's CPU ms per answered request."""
-    before = server_cpu_s(server)
+    """:func:`run_load`, the first group's row carrying the server's CPU ms per answered request,
+    the tree's RSS before and after, and the load average at the end."""
+    before, rss_before = server_cpu_s(server), tree_rss_mb(server)
     records, outcomes = run_load(server.url, groups, duration, **kwargs)
     rows = [record.row() for record in records]
     answered = sum(n for row in rows for status, n in row["statuses"].items() if status)
     rows[0]["cpu ms"] = 1e3 * (server_cpu_s(server) - before) / answered if answered else float("nan")
+    rows[0]["rss MB"], rows[0]["rss after"] = rss_before, tree_rss_mb(server)
+    rows[0]["load"] = os.getloadavg()[0]
     return rows, outcomes
 
 
@@ -304,6 +324,8 @@ def main() -> int:
         f"1 worker x {usable_cpus()} threads, spin on": {**one_worker, "SERVING_ORT_SPINNING": "1"},
         "defaults, spin on": {"SERVING_ORT_SPINNING": "1"},
         "defaults, 2 decode threads": {"SERVING_DECODE_THREADS": "2"},
+        "front: 2 nginx workers": {"FRONT_WORKERS": "2"},
+        "front: FRONT_MAX_SERVICE_REQUESTS=64": {"FRONT_MAX_SERVICE_REQUESTS": "64"},
     }
     table1 = ceilings()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as home:
@@ -345,12 +367,13 @@ def main() -> int:
             server.stop()
     print(f"load average after the runs: {os.getloadavg()[0]:.1f}")
 
-    keys = ["ok/s", "p50", "p99", "cpu ms"]
+    keys = ["ok/s", "p50", "p99", "cpu ms", "load"]
     ceiling_rps = table1["in-process loop, batch 1"]["ok/s"]
     best = max((name for name in configs), key=lambda n: table1[n]["ok/s"])
     print(f"\nTable 1: /predict at {args.clients} clients (ok/s = answers/s; ms; cpu ms = the server's CPU time "
           "per answer, the figure that holds on a shared machine)")
-    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'cpu ms':>9} {'x loop':>9} {'x best':>9} {'cpu est':>9} "
+    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'cpu ms':>9} {'load':>9} {'x loop':>9} {'x best':>9} "
+          f"{'cpu est':>9} "
           "ok/s per round; statuses")
     cpus = usable_cpus()
     for name, row in table1.items():
@@ -362,7 +385,8 @@ def main() -> int:
     print(f"(cpu est = {cpus} CPUs / cpu ms, over the loop's images/s: what the server's CPU cost would allow on "
           "idle CPUs with the load generator elsewhere; derived from the measured CPU time, not a measurement)")
 
-    ladder_keys = ["attempts/s", "ok/s", "p50", "p99", "503 p50", "503 p99", "cpu ms", "gen lag p99"]
+    ladder_keys = ["attempts/s", "ok/s", "p50", "p99", "503 p50", "503 p99", "cpu ms", "gen lag p99", "rss MB",
+                   "rss after", "load"]
     for title, table in (("clients never pause", ladder), ("clients wait Retry-After after a 503", polite)):
         print(f"\nTable 2: overload ladder on the defaults ({title}; ms; lag p99 = the load generator's own "
               "event-loop delay, included in every latency)")
@@ -389,7 +413,13 @@ def main() -> int:
         all_statuses.update(row["statuses"])
     peak = max(row["ok/s"] for row in ladder.values())
     top = ladder[max(ladder)]
+    base = ladder.get(args.clients, ladder[min(ladder, key=lambda c: abs(c - args.clients))])
     shed_p99 = max((row["503 p99"] for row in ladder.values() if 503 in row["statuses"]), default=float("nan"))
+    top_shed_p99 = top["503 p99"] if 503 in top["statuses"] else float("nan")
+    overload = [ladder[c] for c in ladder if c >= 128]
+    rss_growth = max(row["rss after"] for row in overload) - min(row["rss MB"] for row in overload) if overload \
+        else float("nan")
+    estimate = cpus * 1e3 / table1["defaults"]["cpu ms"] / ceiling_rps
     targets = [
         ("no 5xx but 503, no connection errors", all(s in (200, 503) for s in all_statuses),
          str(dict(all_statuses))),
@@ -403,8 +433,19 @@ def main() -> int:
          table1["defaults"]["ok/s"] >= 0.7 * ceiling_rps, f"{table1['defaults']['ok/s'] / ceiling_rps:.2f}"),
         ("the defaults >= 90% of the best configuration", table1["defaults"]["ok/s"] >= 0.9 * table1[best]["ok/s"],
          f"{table1['defaults']['ok/s'] / table1[best]['ok/s']:.2f} (best: {best})"),
+        (f"issue 18: /predict through the front at {args.clients} clients >= 0.7x the in-process loop",
+         table1["defaults"]["ok/s"] >= 0.7 * ceiling_rps,
+         f"{table1['defaults']['ok/s'] / ceiling_rps:.2f} at load {table1['defaults']['load']:.1f} "
+         f"(CPU-derived estimate {estimate:.2f})"),
+        (f"issue 18: goodput at {max(ladder)} clients >= 0.8x the {args.clients}-client ok/s",
+         top["ok/s"] >= 0.8 * base["ok/s"],
+         f"{top['ok/s']:.0f} / {base['ok/s']:.0f} = {top['ok/s'] / base['ok/s']:.2f} at load {top['load']:.1f}"),
+        (f"issue 18: rejection p99 at {max(ladder)} clients <= 100 ms", top_shed_p99 <= 100,
+         f"{top_shed_p99:.1f} ms at load {top['load']:.1f}"),
+        ("issue 18: memory flat under overload (tree RSS across the >= 128-client steps grows < 50 MB)",
+         rss_growth < 50, f"{rss_growth:+.0f} MB"),
     ]
-    print("\nTargets (issue 10):")
+    print("\nTargets (issues 10 and 18):")
     for name, met, figure in targets:
         print(f"  {'met   ' if met else 'MISSED'} {name}: {figure}")
     print(json.dumps({"table1": table1, "ladder": ladder, "polite_ladder": polite,

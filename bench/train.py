@@ -29,17 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from models import build_model
+from pipeline.common.cpus import usable_cpus
+from pipeline.lib.config import PreprocessParams, TrainParams
+from pipeline.lib.dataset_folders import write_digits
+from pipeline.lib.engine import Context, train_one_epoch
+from pipeline.lib.loader import batches, to_input
+from pipeline.lib.pacing import ThreadPacer
+from pipeline.preprocess import preprocess_folder
 
-from models import build_model  # noqa: E402
-from pipeline.common.cpus import usable_cpus  # noqa: E402
-from pipeline.lib.config import PreprocessParams, TrainParams  # noqa: E402
-from pipeline.lib.dataset_folders import write_digits  # noqa: E402
-from pipeline.lib.engine import Context, train_one_epoch  # noqa: E402
-from pipeline.lib.loader import batches, to_input  # noqa: E402
-from pipeline.lib.pacing import ThreadPacer  # noqa: E402
-from pipeline.preprocess import preprocess_folder  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def image_folder() -> Path:

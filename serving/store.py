@@ -153,9 +153,7 @@ def import_export(export_dir: str | Path, alias: str = "", tag_version: str | No
                 (tag_version is None or model.tag.version == tag_version):
             return str(model.tag)
     name = f"{MODEL_NAME}:{tag_version}" if tag_version else MODEL_NAME
-    # BentoML's metadata takes no None (a card without a monitoring reference has no ood_threshold)
-    metadata = {key: value for key, value in card.model_dump().items() if value is not None}
-    with bentoml.models.create(name=name, labels=labels, metadata=metadata) as model:
+    with bentoml.models.create(name=name, labels=labels, metadata=card.model_dump(exclude_none=True)) as model:
         # the ONNX files and, for a model exported with monitoring, reference.npz: every file the card hashes
         for file in deployable_files(card):
             shutil.copy2(export_dir / file, Path(model.path) / file)

@@ -1,4 +1,5 @@
-"""The real thing: ``bentoml serve serving.service:Classifier`` in a subprocess, driven over HTTP.
+"""The real thing: ``bentoml serve serving.service:Classifier`` behind its HTTP front (``python -m
+pipeline.serve``, as ``make serve`` runs them) in a subprocess, driven over HTTP.
 
 One server per module on the ``exported_model`` fixture (a folder); a second one serves the
 same model by tag after ``python -m serving.store import-export``, and ``bentoml build``
@@ -36,7 +37,7 @@ MAX_BYTES = 1_000_000  # the server's SERVING_MAX_BYTES, small to keep the uploa
 @pytest.fixture(scope="module")
 def server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     running = LocalServer(tmp_path_factory.mktemp("bentoml_home"), SERVING_MODEL=str(exported_model),
-                          SERVING_MAX_BYTES=str(MAX_BYTES))
+                          SERVING_MAX_BYTES=str(MAX_BYTES), FRONT_MAX_BODY_BYTES=str(MAX_BYTES))
     running.wait_ready()
     yield running
     assert running.stop() == 0, running.log()

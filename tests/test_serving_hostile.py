@@ -1,4 +1,5 @@
-"""Issue 10's thirteen findings, each reproduced against a real ``bentoml serve`` over HTTP.
+"""Issue 10's thirteen findings, each reproduced against a real ``bentoml serve`` behind its HTTP
+front (``python -m pipeline.serve``, as ``make serve`` runs it), over HTTP.
 
 One server for the module (small limits so the cases stay quick); finding 11 starts its own,
 broken, servers. Timings belong to bench/serve.py: the deadlines here only bound hangs.
@@ -230,130 +231,9 @@ def test_f07_a_batch_is_bounded_by_total_decoded_pixels(http: httpx.Client) -> N
     assert results == {"heavy": 200}
 
 
-# ----------------------------------------------------------------------------- 8. slow clients
-def slow_upload(port: int, seconds: float, answers: list, declared: int = 5000) -> None:
-    """Headers at once, then one body byte a second; record what the server answers."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        head = (f"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                f"Content-Length: {declared}\r\n\r\n")
-        sock.sendall(head.encode())
-        sock.settimeout(1.0)
-        deadline = time.monotonic() + seconds
-        received = b""
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(4096)
-            except TimeoutError:
-                try:
-                    sock.sendall(b"-")
-                except OSError:
-                    break
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            received += chunk
-            if b"\r\n\r\n" in received:
-                break
-        answers.append(received.split(b"\r\n", 1)[0].decode(errors="replace"))
-
-
-@pytest.mark.skip(reason=MOVED)
-@pytest.mark.timeout(120)
-def test_f08_slow_uploaders_do_not_take_the_slots_and_get_408(server: LocalServer, http: httpx.Client) -> None:
-    port = int(server.url.rsplit(":", 1)[1])
-    answers: list[str] = []
-    slow = [threading.Thread(target=slow_upload, args=(port, 20, answers)) for _ in range(24)]
-    for thread in slow:
-        thread.start()
-    time.sleep(1.0)  # all 24 are sending their bodies now
-    statuses = [http.post("/predict", files={"image": ("a.png", PHOTO)}).status_code for _ in range(20)]
-    assert statuses == [200] * 20
-    for thread in slow:
-        thread.join(30)
-    assert answers == ["HTTP/1.1 408 Request Timeout"] * 24  # after SERVING_BODY_TIMEOUT (3 s), not 20 s
-
-
-@pytest.mark.skip(reason=MOVED)
-@pytest.mark.timeout(60)
-def test_f08_slow_headers_are_cut_off(server: LocalServer) -> None:
-    port = int(server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.settimeout(0.5)
-        start, answer = time.monotonic(), b""
-        for byte in b"POST /predict HTTP/1.1\r\nHost: t\r\nX-Padding: " + b"a" * 100:
-            try:
-                sock.sendall(bytes([byte]))
-                answer += sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if answer:
-                break
-        elapsed = time.monotonic() - start
-    assert answer.startswith(b"HTTP/1.1 408"), answer
-    assert b"SERVING_HEADER_TIMEOUT" in answer
-    assert elapsed < 30  # closed after the 2 s deadline, long before the 75 s the slow client wanted
-
-
-@pytest.mark.skip(reason=MOVED)
-@pytest.mark.timeout(60)
-def test_f08_requests_that_are_not_http_get_a_json_400(server: LocalServer) -> None:
-    port = int(server.url.rsplit(":", 1)[1])
-    big = b"POST /predict HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 40_000  # header block over h11's 16 KiB
-    for parts in ([b"NOT HTTP AT ALL\r\n\r\n"], [b"GET / HTTP/1.1\r\nno colon here\r\n\r\n"],
-                  [big[:20_000], big[20_000:]]):
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            for part in parts:  # in pieces, so the server holds an incomplete header block
-                sock.sendall(part)
-                time.sleep(0.3)
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, answer[:300]
-        assert json.loads(body)["error"].startswith("request: not valid HTTP/1.1")
-
-
-# ----------------------------------------------------------------------------- 9. overload
-@pytest.mark.skip(reason=MOVED)
-@pytest.mark.timeout(120)
-def test_f09_overload_is_503_with_retry_after_before_the_body_is_read(server: LocalServer, http: httpx.Client
-                                                                        ) -> None:
-    port = int(server.url.rsplit(":", 1)[1])
-    answers: list[str] = []
-    slow = [threading.Thread(target=slow_upload, args=(port, 20, answers)) for _ in range(48)]  # SERVING_MAX_UPLOADS
-    for thread in slow:
-        thread.start()
-    time.sleep(1.0)
-    refused = http.post("/predict", files={"image": ("a.png", PHOTO)})
-    assert "overloaded" in error_of(refused, 503) and refused.headers["retry-after"] == "1"
-    for thread in slow:
-        thread.join(30)
-    assert answers.count("HTTP/1.1 408 Request Timeout") == 48
-    predict_works(http)  # capacity is back once they are gone
-
-    # A burst far over SERVING_MAX_CONCURRENCY (8): every answer is a 200 or the documented 503.
-    statuses: list[int] = []
-    headers_ok: list[bool] = []
-
-    def burst() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            for _ in range(6):
-                response = client.post("/predict", files={"image": ("a.png", PHOTO)})
-                statuses.append(response.status_code)
-                if response.status_code == 503:
-                    headers_ok.append(response.headers.get("retry-after") == "1" and "overloaded" in response.text)
-
-    threads = [threading.Thread(target=burst) for _ in range(48)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert len(statuses) == 48 * 6 and set(statuses) <= {200, 503}, sorted(set(statuses))
-    assert all(headers_ok)
+# ----------------------------------------------------------------------------- 8, 9. slow clients, overload
+# The protocol-level findings (slow headers and bodies, requests that are not HTTP, overload
+# refused before the body is read) belong to the HTTP front now: tests/test_front.py.
 
 
 @pytest.mark.timeout(120)
