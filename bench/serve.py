@@ -2,6 +2,7 @@
 slow uploaders and a maximum-size batch, every figure next to a baseline from the same run.
 
     python bench/serve.py [--model-dir artifacts/export] [--duration 6] [--clients 32]
+    python bench/serve.py --log-compare [--rounds 4]    # only: the prediction log on against off
 
 Tables (each a real ``python -m pipeline.serve`` on loopback, nginx in front of ``bentoml serve``
 as ``make serve`` runs them, the load from one asyncio process with
@@ -275,6 +276,8 @@ class Servers:
         self.model_dir, self.home = model_dir, home
 
     def start(self, **env: str) -> LocalServer:
+        # the prediction log (on by default, as served) goes to the temporary home, not artifacts/
+        env = {"SERVING_LOG_DIR": str(self.home / "predictions"), **env}
         server = LocalServer(self.home, SERVING_MODEL=str(self.model_dir.resolve()), **env)
         server.wait_ready()
         return server
@@ -298,6 +301,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32, help="clients for the configuration table")
     parser.add_argument("--ladder", default="1,8,32,128,512", help="client counts of the overload ladder")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the configuration table")
+    parser.add_argument("--log-compare", action="store_true",
+                        help="only /predict with the prediction log on (the default) and off (SERVING_LOG=off), "
+                             "in alternating rounds (issue 19's target: on >= 0.95x off)")
     args = parser.parse_args()
     if not (args.model_dir / "classifier.onnx").is_file():
         print(f"error: {args.model_dir}/classifier.onnx not found (run `python -m pipeline.export`)", file=sys.stderr)
@@ -311,6 +317,8 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     requests = predict_requests(blobs)
     d = args.duration
+    if args.log_compare:
+        return log_compare(args, requests)
 
     def ceilings() -> dict[str, dict]:
         return {"in-process loop, batch 1": ceiling(args.model_dir, blobs, 500, 1),
@@ -320,6 +328,7 @@ def main() -> int:
     configs = {  # name → environment over the defaults
         "defaults": {},
         "defaults, batching off": {"SERVING_BATCHING": "0"},
+        "defaults, prediction log off": {"SERVING_LOG": "off"},
         f"1 worker x {usable_cpus()} threads, spin off": one_worker,
         f"1 worker x {usable_cpus()} threads, spin on": {**one_worker, "SERVING_ORT_SPINNING": "1"},
         "defaults, spin on": {"SERVING_ORT_SPINNING": "1"},
@@ -442,6 +451,9 @@ def main() -> int:
          f"{top['ok/s']:.0f} / {base['ok/s']:.0f} = {top['ok/s'] / base['ok/s']:.2f} at load {top['load']:.1f}"),
         (f"issue 18: rejection p99 at {max(ladder)} clients <= 100 ms", top_shed_p99 <= 100,
          f"{top_shed_p99:.1f} ms at load {top['load']:.1f}"),
+        ("issue 19: /predict ok/s with the prediction log on >= 0.95x off",
+         table1["defaults"]["ok/s"] >= 0.95 * table1["defaults, prediction log off"]["ok/s"],
+         f"{table1['defaults']['ok/s'] / table1['defaults, prediction log off']['ok/s']:.2f}"),
         ("issue 18: memory flat under overload (tree RSS across the >= 128-client steps grows < 50 MB)",
          rss_growth < 50, f"{rss_growth:+.0f} MB"),
     ]
@@ -451,6 +463,37 @@ def main() -> int:
     print(json.dumps({"table1": table1, "ladder": ladder, "polite_ladder": polite,
                       "slow": {"alone": alone, "beside": beside, "outcomes": dict(slow_outcomes)},
                       "batch": {"alone": alone_b, "beside": normal_b, "batch": batch_b}}, default=str))
+    return 0
+
+
+def log_compare(args: argparse.Namespace, requests: list[bytes]) -> int:
+    """``--log-compare``: the defaults with the prediction log on and off, ``--rounds`` rounds each in
+    alternating order on the same machine; the best round of each counts, and every round is printed."""
+    configs = {"prediction log on (defaults)": {}, "prediction log off (SERVING_LOG=off)": {"SERVING_LOG": "off"}}
+    rows: dict[str, list[dict]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as home:
+        servers = Servers(args.model_dir, Path(home))
+        for round_ in range(args.rounds):
+            for name in configs if round_ % 2 == 0 else list(configs)[::-1]:
+                print(f"round {round_ + 1}: {name} ...", flush=True)
+                server = servers.start(**configs[name])
+                try:
+                    run_load(server.url, [(args.clients, requests)], 2)
+                    rows[name].append(measured(server, [(args.clients, requests)], args.duration)[0][0])
+                finally:
+                    server.stop()
+        logged = sum(1 for _ in (Path(home) / "predictions").glob("*.jsonl"))
+    keys = ["ok/s", "p50", "p99", "cpu ms", "load"]
+    print(f"\n/predict at {args.clients} clients, prediction log on and off ({logged} log files written)")
+    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'cpu ms':>9} {'load':>9} ok/s per round")
+    best = {name: max(runs, key=lambda r: r["ok/s"]) for name, runs in rows.items()}
+    for name, row in best.items():
+        print(f"{name:40} {fmt(row, keys)} {[round(r['ok/s'], 1) for r in rows[name]]}")
+    on, off = best["prediction log on (defaults)"], best["prediction log off (SERVING_LOG=off)"]
+    ratio = on["ok/s"] / off["ok/s"]
+    print(f"  {'met   ' if ratio >= 0.95 else 'MISSED'} issue 19: ok/s with the log on >= 0.95x off: "
+          f"{on['ok/s']:.0f} / {off['ok/s']:.0f} = {ratio:.2f} (cpu ms per answer {on['cpu ms']:.2f} vs "
+          f"{off['cpu ms']:.2f})")
     return 0
 
 
