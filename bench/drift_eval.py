@@ -46,7 +46,7 @@ from pipeline.common.images import preprocess  # noqa: E402
 from pipeline.lib.drift import Window, compare  # noqa: E402
 from pipeline.lib.loader import load_split  # noqa: E402
 
-PARAMS = {"preprocess": {"size": 32, "val_fraction": 0.25, "test_fraction": 0.35},
+PARAMS = {"preprocess": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.35},
           "train": {"epochs": 15, "lr": 0.05, "threads": 0}, "mlflow": {"experiment": "drift-eval"}}
 
 

@@ -15,7 +15,7 @@ from pipeline.common.feedback import write_feedback
 from tests.conftest import add_dataset, copy_project, sh
 
 TINY = {
-    "preprocess": {"size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "workers": 2},
+    "preprocess": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "workers": 2},
     "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "threads": 2},
     "evaluate": {"saliency_per_class": 1},
 }
