@@ -12,15 +12,21 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import httpx
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
+if TYPE_CHECKING:
+    from pipeline.lib.local_server import LocalServer
 
 # No usage tracking from anything the tests start, run through `make test` or not (the Makefile
 # exports the same switches).
@@ -370,3 +376,44 @@ def postgresql() -> Iterator[str]:
     """:func:`postgresql_server` for one test module: its URI."""
     with postgresql_server() as uri:
         yield uri
+
+
+@contextlib.contextmanager
+def serving(home: Path, **env: str) -> Iterator[LocalServer]:
+    """``python -m pipeline.serve`` (the front and the service, as ``make serve``) until the block ends;
+    it must then stop cleanly."""
+    from pipeline.lib.local_server import LocalServer
+
+    running = LocalServer(home, **env)
+    running.wait_ready()
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def http(server: LocalServer) -> Iterator[httpx.Client]:
+    """A client of the module's ``server`` fixture."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def burst(url: str, clients: int, requests_each: int, image: bytes) -> tuple[list[int], list[bool]]:
+    """``clients`` threads each POST ``image`` to /predict ``requests_each`` times: every status, and
+    for each 503 whether it carries ``Retry-After: 1`` and says "overloaded"."""
+    statuses: list[int] = []
+    refusals_ok: list[bool] = []
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(requests_each):
+                response = client.post("/predict", files={"image": ("a.png", image)})
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    refusals_ok.append(response.headers.get("retry-after") == "1" and "overloaded" in response.text)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return statuses, refusals_ok

@@ -230,11 +230,11 @@ def test_marked_blocks_run_in_a_fresh_clone(tmp_path: Path):
         params = {}
         for run_name, key, value in db.execute(
                 "SELECT r.name, p.key, p.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
-                "WHERE r.status = 'FINISHED' AND p.key IN ('train.lr', 'train.model', 'preprocess.size')"):
+                "WHERE r.status = 'FINISHED' AND p.key IN ('train.lr', 'train.model', 'preprocess.image_size')"):
             params.setdefault(run_name, {})[key] = value
     lrs = sorted(float(p["train.lr"]) for p in params.values())
     assert lrs == [0.003, 0.01, 0.03, 0.1], params  # make run's, lenet-lr03 and the sweep's two
-    assert all(p["train.model"] == "lenet5" and p["preprocess.size"] == "32" for p in params.values()), params
+    assert all(p["train.model"] == "lenet5" and p["preprocess.image_size"] == "32" for p in params.values()), params
     assert params["lenet-lr03"]["train.lr"] == "0.03"
     assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"] == settings["train"]["lr"]
     # make plots: the page draws with scripts inlined, none from a CDN

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ import pytest
 from PIL import Image
 
 from pipeline.lib.local_server import ROOT, LocalServer
+from tests.conftest import burst, serving
 
 pytestmark = pytest.mark.slow
 
@@ -52,16 +52,8 @@ PHOTO = png()
 
 @pytest.fixture(scope="module")
 def server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    running = LocalServer(tmp_path_factory.mktemp("front_home"), SERVING_MODEL=str(exported_model), **LIMITS)
-    running.wait_ready()
-    yield running
-    assert running.stop() == 0, running.log()
-
-
-@pytest.fixture(scope="module")
-def http(server: LocalServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
+    with serving(tmp_path_factory.mktemp("front_home"), SERVING_MODEL=str(exported_model), **LIMITS) as running:
+        yield running
 
 
 def connect(server: LocalServer, timeout: float = 30) -> socket.socket:
@@ -300,22 +292,7 @@ def test_when_full_the_503_and_retry_after_come_before_the_body(server: LocalSer
 
 @pytest.mark.timeout(120)
 def test_a_burst_far_over_the_limits_gets_200_or_503_with_retry_after(server: LocalServer) -> None:
-    statuses: list[int] = []
-    refusals_ok: list[bool] = []
-
-    def burst() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            for _ in range(6):
-                response = client.post("/predict", files={"image": ("a.png", PHOTO)})
-                statuses.append(response.status_code)
-                if response.status_code == 503:
-                    refusals_ok.append(response.headers.get("retry-after") == "1" and "overloaded" in response.text)
-
-    threads = [threading.Thread(target=burst) for _ in range(6 * MAX_REQUESTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    statuses, refusals_ok = burst(server.url, 6 * MAX_REQUESTS, 6, PHOTO)
     assert len(statuses) == 6 * 6 * MAX_REQUESTS and set(statuses) <= {200, 503}, sorted(set(statuses))
     assert 200 in statuses and 503 in statuses and all(refusals_ok)
 

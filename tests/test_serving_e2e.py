@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.common import images
 from pipeline.lib.codebase import import_closure
 from pipeline.lib.local_server import LocalServer
+from tests.conftest import serving
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +37,9 @@ MAX_BYTES = 1_000_000  # the server's SERVING_MAX_BYTES, small to keep the uploa
 
 @pytest.fixture(scope="module")
 def server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    running = LocalServer(tmp_path_factory.mktemp("bentoml_home"), SERVING_MODEL=str(exported_model),
-                          SERVING_MAX_BYTES=str(MAX_BYTES), FRONT_MAX_BODY_BYTES=str(MAX_BYTES))
-    running.wait_ready()
-    yield running
-    assert running.stop() == 0, running.log()
-
-
-@pytest.fixture(scope="module")
-def http(server: LocalServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
+    with serving(tmp_path_factory.mktemp("bentoml_home"), SERVING_MODEL=str(exported_model),
+                          SERVING_MAX_BYTES=str(MAX_BYTES), FRONT_MAX_BODY_BYTES=str(MAX_BYTES)) as running:
+        yield running
 
 
 def png(width: int, height: int, mode: str = "RGB", seed: int = 0) -> bytes:

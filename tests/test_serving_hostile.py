@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from pipeline.lib.local_server import LocalServer
-from tests.conftest import write_export
+from tests.conftest import burst, serving, write_export
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +56,9 @@ def tmpdir_of_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory, tmpdir_of_server: Path
            ) -> Iterator[LocalServer]:
-    running = LocalServer(tmp_path_factory.mktemp("hostile_home"), SERVING_MODEL=str(exported_model),
-                          TMPDIR=str(tmpdir_of_server), **LIMITS)
-    running.wait_ready()
-    yield running
-    assert running.stop() == 0, running.log()
-
-
-@pytest.fixture(scope="module")
-def http(server: LocalServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
+    with serving(tmp_path_factory.mktemp("hostile_home"), SERVING_MODEL=str(exported_model),
+                          TMPDIR=str(tmpdir_of_server), **LIMITS) as running:
+        yield running
 
 
 def error_of(response: httpx.Response, status: int) -> str:
@@ -239,22 +231,7 @@ def test_f07_a_batch_is_bounded_by_total_decoded_pixels(http: httpx.Client) -> N
 @pytest.mark.timeout(120)
 def test_f09_a_burst_over_the_concurrency_limit_gets_200_or_503_with_retry_after(server: LocalServer) -> None:
     """A burst far over SERVING_MAX_CONCURRENCY (8): every answer is a 200 or the documented 503."""
-    statuses: list[int] = []
-    headers_ok: list[bool] = []
-
-    def burst() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            for _ in range(6):
-                response = client.post("/predict", files={"image": ("a.png", PHOTO)})
-                statuses.append(response.status_code)
-                if response.status_code == 503:
-                    headers_ok.append(response.headers.get("retry-after") == "1" and "overloaded" in response.text)
-
-    threads = [threading.Thread(target=burst) for _ in range(48)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    statuses, headers_ok = burst(server.url, 48, 6, PHOTO)
     assert len(statuses) == 48 * 6 and set(statuses) <= {200, 503}, sorted(set(statuses))
     assert all(headers_ok) and 200 in statuses
     print("burst of 48 x 6:", {status: statuses.count(status) for status in sorted(set(statuses))})
@@ -436,11 +413,9 @@ def progressive_bomb(side: int = 5000, repeats: int = 3000) -> bytes:
 @pytest.fixture(scope="module")
 def default_server(exported_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     """The default limits (25 MP per image), two workers."""
-    running = LocalServer(tmp_path_factory.mktemp("default_home"), SERVING_MODEL=str(exported_model),
-                          SERVING_WORKERS="2")
-    running.wait_ready()
-    yield running
-    assert running.stop() == 0, running.log()
+    with serving(tmp_path_factory.mktemp("default_home"), SERVING_MODEL=str(exported_model),
+                          SERVING_WORKERS="2") as running:
+        yield running
 
 
 @pytest.mark.timeout(120)

@@ -226,6 +226,7 @@ def test_make_serve_champion_serves_the_registry_champion(server, project, tmp_p
     assert SECRET not in (tmp_path / "make.log").read_text()
 
 
+@SQLITE_ONLY  # two whole experiments: the registry and run logging of a backend are covered by the first test
 @pytest.mark.timeout(1500)
 def test_queued_experiments_log_to_the_server(server, project, tmp_path):
     """``dvc queue start -j 2``: two FINISHED runs named after their experiments; then the
