@@ -244,7 +244,8 @@ def test_the_page_warns_out_of_distribution_takes_feedback_and_shows_monitoring(
         # Wrong? It is: owl. The image and the label land in the review folder.
         page.select_option("#feedback-label", "owl")
         page.click("#feedback-send")
-        page.wait_for_function("document.getElementById('feedback-status').textContent.startsWith('Thank you')",
+        # A function, not an expression string: the page's CSP (script-src 'self') forbids eval.
+        page.wait_for_function("() => document.getElementById('feedback-status').textContent.startsWith('Thank you')",
                                timeout=30_000)
         assert page.text_content("#feedback-status") == "Thank you: stored as owl for review."
         [item] = [json.loads(p.read_text()) for p in (monitoring_dir / "review").glob("*.json")]
@@ -255,11 +256,14 @@ def test_the_page_warns_out_of_distribution_takes_feedback_and_shows_monitoring(
         example = server_bytes(page, "examples/0.png")
         assert offline_ood(ui_model, example) is False
         page.click("#examples button >> nth=0")
+        # The photo's answer is 'done' too (and may name the same class): wait for the example's own answer.
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done: example')",
+                               timeout=60_000)
         wait_done(page, onnx_top1(ui_model, example), onnx_top1(ui_model, example))
         assert not page.is_visible("#ood-warning")
         # The traffic column counts what this server answered (both workers), by predicted class.
         page.wait_for_function(
-            "[...document.querySelectorAll('#class-table td:nth-child(2)')].some((td) => td.textContent !== '0')",
+            "() => [...document.querySelectorAll('#class-table td:nth-child(2)')].some((td) => td.textContent !== '0')",
             timeout=30_000)
         traffic = httpx.get(f"{server.url}/monitoring").json()["traffic"]
         assert set(traffic) == set(SERVING_CLASSES) and traffic[expected] >= 1
