@@ -3,6 +3,7 @@ ours, serving imports no torch/mlflow/dvc, and every stage's dvc.yaml deps are i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -107,3 +108,25 @@ def test_the_bento_ships_every_module_the_service_imports():
                (q.relative_to(ROOT).as_posix() for q in ROOT.glob(pattern))}
     needed = set(import_closure("serving.service"))
     assert needed <= shipped, sorted(needed - shipped)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_lock_matches_the_committed_code_and_params(stage: str):
+    """dvc.lock records the code and params each stage last ran with: when it lags behind the code, a
+    fresh clone's ``dvc repro`` reruns the stage and rewrites tracked files (dvc.lock, metrics/, plots/).
+    Fix: ``dvc repro`` and commit dvc.lock with the code."""
+    locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"][stage]
+    for dep in locked["deps"]:
+        path = ROOT / dep["path"]
+        if path.is_file():
+            assert hashlib.md5(path.read_bytes()).hexdigest() == dep["md5"], f"{dep['path']}: changed since dvc.lock"
+    params = _flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    for key, value in locked.get("params", {}).get("params.yaml", {}).items():
+        assert params[key] == value, f"params.yaml {key}: {params[key]!r}, dvc.lock ran with {value!r}"

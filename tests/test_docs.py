@@ -232,6 +232,14 @@ def test_marked_blocks_run_in_a_fresh_clone(tmp_path: Path):
                 "SELECT r.name, p.key, p.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
                 "WHERE r.status = 'FINISHED' AND p.key IN ('train.lr', 'train.model', 'preprocess.image_size')"):
             params.setdefault(run_name, {})[key] = value
+        # the queued and --temp runs wrote to the one store in the clone's root, never a copy in
+        # .dvc/tmp, their artifacts beside it, and each registered its own version
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finished = dict(db.execute("SELECT run_uuid, artifact_uri FROM runs WHERE status = 'FINISHED'").fetchall())
+        registered = {run_id for (run_id,) in db.execute("SELECT run_id FROM model_versions")}
+    assert not list((clone / ".dvc" / "tmp").rglob("mlflow.db"))
+    assert all(uri.startswith((clone / "mlruns").as_uri()) for uri in finished.values()), finished
+    assert registered == set(finished), (registered, finished)
     lrs = sorted(float(p["train.lr"]) for p in params.values())
     assert lrs == [0.003, 0.01, 0.03, 0.1], params  # make run's, lenet-lr03 and the sweep's two
     assert all(p["train.model"] == "lenet5" and p["preprocess.image_size"] == "32" for p in params.values()), params

@@ -1,5 +1,9 @@
 """DVC experiments ↔ MLflow runs, end to end: real ``dvc`` CLI in a temp git repo, real SQLite store.
 
+Queued experiments in parallel on the default store are run by the README's own commands
+(``tests/test_docs.py::test_marked_blocks_run_in_a_fresh_clone``), on a tracking server by
+``tests/test_team.py``.
+
 Each test copies the project's tracked files into a fresh git repository with a tiny dataset
 (3 classes × 30 PNGs, 32 px) and tiny params, then drives ``dvc exp run`` as a user would.
 """
@@ -7,9 +11,7 @@ Each test copies the project's tracked files into a fresh git repository with a 
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -19,7 +21,7 @@ import pytest
 from pipeline import compare
 from pipeline.common.contract import ModelCard
 from pipeline.lib import tracking
-from tests.conftest import BIN, copy_project, run_queue, sh, tool_env, write_pattern_folder
+from tests.conftest import copy_project, sh, tool_env, write_pattern_folder
 
 TINY = {
     "preprocess": {"image_size": 32, "val_fraction": 0.2, "test_fraction": 0.3, "workers": 1},
@@ -152,40 +154,3 @@ def test_sequential_experiments_compare_promote(tmp_path, monkeypatch, capsys):
     assert compare.main(["promote", "--best", *args]) == 0
     assert "now 'champion'" in capsys.readouterr().out
     assert client.get_model_version_by_alias("cnn-classifier", "champion").run_id == runs["fast"].info.run_id
-
-
-@pytest.mark.timeout(600)  # two whole experiments plus the queue's start-up, on 2 shared cores
-def test_queued_experiments_in_parallel(tmp_path):
-    """Two queued experiments, two workers, default store location: one intact store in the repo root.
-
-    Queued and started as the README says, with ``bin/dvc`` from a shell where the venv is not
-    activated (no venv on PATH): DVC's workers look ``dvc`` up on PATH, and ``bin/dvc`` puts the
-    repository's ``.venv`` there.
-    """
-    env = _env()
-    repo = make_project(tmp_path / "repo", env).resolve()
-    (repo / ".venv").symlink_to(BIN.parent)  # what `make setup` creates in a clone
-    fresh_shell = {**env, "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)}
-    fresh_shell.pop("VIRTUAL_ENV", None)
-    baseline = _head(repo, env)
-    sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.05", env=fresh_shell)
-    sh(repo, "bin/dvc", "exp", "run", "--queue", "-S", "train.lr=0.02", env=fresh_shell)
-    run_queue(repo, env, workers=2, timeout_s=300, start=("bin/dvc", fresh_shell))
-    names = _exp_names(repo, env)
-    assert len(names) == 2, names
-    store = repo / "mlflow.db"  # DVC_ROOT, not the .dvc/tmp/exps copy the stages ran in
-    assert store.exists()
-    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
-    with sqlite3.connect(store) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    runs = _check_one_run_per_experiment(f"sqlite:///{store}", names, baseline)
-    for run in runs.values():  # artifacts beside the store too, not in the deleted temp copy
-        assert run.info.artifact_uri.startswith((repo / "mlruns").as_uri())
-    versions = mlflow.MlflowClient(f"sqlite:///{store}").search_model_versions("name = 'cnn-classifier'")
-    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs.values())
-
-    # the CLI, run from the repo root with no MLFLOW_TRACKING_URI, finds the same store
-    shown = sh(repo, sys.executable, "-m", "pipeline.compare", "--md", "--all", env=env).splitlines()
-    header = next(line for line in shown if line.startswith("| run |"))
-    assert "| status |" in header and "| train.lr |" in header
-    assert all(any(line.startswith(f"| {name} | FINISHED |") for line in shown) for name in names), shown
