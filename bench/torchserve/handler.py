@@ -32,6 +32,7 @@ class LeNetHandler(BaseHandler):
         torch.set_num_threads(int(os.environ.get("TS_BENCH_TORCH_THREADS", "1")))
         # Imported here: TorchServe puts the archive's folder on sys.path before initialize.
         import project_images
+
         from models import build_model
         from models.graphs import Normalize
 
