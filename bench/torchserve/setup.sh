@@ -7,8 +7,9 @@
 # Installs:
 #   - Debian's openjdk-17-jre-headless (TorchServe's frontend is Java), only when `java` is missing;
 #   - .venv-torchserve: torchserve 0.12, torch-model-archiver 0.12, torch (TORCH_SPEC, default
-#     torch==2.14.1, the project's version; it brings NVIDIA's CUDA wheels, ~4 GB, although everything
-#     runs on the CPU: TORCH_SPEC='torch==2.13.0+cpu' takes the CPU-only wheel where one is at hand),
+#     torch==2.14.1, the project's version; it brings NVIDIA's CUDA wheels, 5.5 GB in all, although
+#     everything runs on the CPU: TORCH_SPEC='torch==2.13.0+cpu' takes a CPU-only wheel where pip
+#     finds one, 1.1 GB in all, and TORCHSERVE_VENV=DIR installs into another folder),
 #     Pillow and numpy (the handler's preprocessing), PyYAML (TorchServe's worker imports it without
 #     declaring it).
 set -euo pipefail
