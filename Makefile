@@ -110,6 +110,16 @@ bench: setup
 	python bench/inference.py
 	@if [ -d artifacts/export ]; then python bench/serve.py; else echo "bench/serve.py skipped: no artifacts/export, run make run first"; fi
 
+# Our service against TorchServe 0.12 serving the same LeNet-5 weights (issue 18; docs/deployment.md):
+# needs `make run` first and nginx. TorchServe goes into its own environment, .venv-torchserve
+# (bench/torchserve/setup.sh: torchserve, torch-model-archiver, torch with its CUDA wheels, ~5.5 GB;
+# Debian's openjdk-17-jre-headless when `java` is missing). Options: TORCHSERVE_BENCH_ARGS="--duration 2".
+TORCHSERVE_BENCH_ARGS ?=
+.PHONY: torchserve-bench
+torchserve-bench: setup
+	bash bench/torchserve/setup.sh
+	python bench/torchserve_compare.py $(TORCHSERVE_BENCH_ARGS)
+
 # Generated, untracked outputs only: metrics/ and plots/ are tracked in git and stay.
 clean:
 	rm -rf artifacts dvc_plots mlflow.db mlflow.db.lock
