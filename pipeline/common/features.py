@@ -144,25 +144,44 @@ def load_reference(folder: str | Path) -> Reference | None:
     return Reference.load(path) if path.is_file() else None
 
 
+@dataclass(frozen=True)
+class AnswerStats:
+    """What an answer needs of its input for monitoring, computed once per batch: :func:`pixel_stats`
+    and the OOD score (None without a reference), each (N,)."""
+
+    mean_intensity: np.ndarray
+    std_intensity: np.ndarray
+    ood_score: np.ndarray | None
+
+    @classmethod
+    def of(cls, pixels: np.ndarray, embedding: np.ndarray, reference: Reference | None) -> AnswerStats:
+        means, stds = pixel_stats(pixels)
+        scores = reference.ood_scores(embedding, means, stds) if reference is not None else None
+        return cls(means, stds, scores)
+
+
 def feature_records(
     probabilities: np.ndarray,
     embedding: np.ndarray,
-    pixels: np.ndarray,
+    pixels: np.ndarray | None,
     classes: Sequence[str],
     reference: Reference | None,
     uploads: Sequence[UploadFacts | None] | None = None,
     top_k: int = TOP_K,
+    stats: AnswerStats | None = None,
 ) -> list[dict]:
     """One feature record per answered image: what the prediction log stores and the monitor reads.
 
     Args:
         probabilities: ``classifier.onnx``'s probabilities (N, K).
         embedding: its embedding output (N, E).
-        pixels: the uint8 model input (N, C, H, W) the answer came from.
+        pixels: the uint8 model input (N, C, H, W) the answer came from; None when ``stats`` are given.
         classes: class names in label order (the card's).
         reference: the deployable's :class:`Reference`; None leaves out the OOD score and flag.
         uploads: :func:`upload_facts` per image (None where there was no upload, e.g. an example).
         top_k: classes to keep per record.
+        stats: :class:`AnswerStats` already computed for these images (the service computes them
+            with the answer; the prediction log builds the records later, without the pixels).
 
     Returns:
         Dicts of plain JSON types: ``top_k`` ([{"class", "probability"}]), ``predicted`` (index),
@@ -171,8 +190,8 @@ def feature_records(
     """
     probabilities = np.asarray(probabilities, np.float64)
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    means, stds = pixel_stats(pixels)
-    scores = reference.ood_scores(embedding, means, stds) if reference is not None else None
+    stats = stats if stats is not None else AnswerStats.of(pixels, embedding, reference)
+    means, stds, scores = stats.mean_intensity, stats.std_intensity, stats.ood_score
     rounded = np.round(np.asarray(embedding, np.float64), EMBEDDING_DECIMALS)
     records = []
     for row, top in enumerate(order):
