@@ -62,6 +62,11 @@ MODEL_TAG = store.store_tag()  # None when SERVING_MODEL is a folder
     # BentoML labels its request metrics with the raw path (unbounded under 404 scans), with no
     # setting to bound it: serving.metrics records requests and serves /metrics instead.
     metrics={"enabled": False, "namespace": "bentoml_service"},
+    # Per-request costs with no reader (bench/serve.py, profiled): the front already writes an access
+    # log line per request, and no trace exporter is configured (the service sends nothing), so
+    # BentoML's access log and the spans it would start and drop on every request are skipped.
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": [".*"]},
 )
 class Classifier:
     """Image classifier with saliency maps, from ``SERVING_MODEL`` (a folder or a store tag)."""
