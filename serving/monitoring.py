@@ -123,6 +123,11 @@ class Monitor:
                 self.dropped_seen = dropped
         return flags
 
+    def close(self) -> None:
+        """Write the prediction log's queued records and stop its thread (a worker shutting down)."""
+        if self.log is not None:
+            self.log.close()
+
     def reference_counts(self) -> dict[str, int] | None:
         if self.reference is None:
             return None

@@ -62,9 +62,8 @@ MODEL_TAG = store.store_tag()  # None when SERVING_MODEL is a folder
     # BentoML labels its request metrics with the raw path (unbounded under 404 scans), with no
     # setting to bound it: serving.metrics records requests and serves /metrics instead.
     metrics={"enabled": False, "namespace": "bentoml_service"},
-    # Per-request costs with no reader (bench/serve.py, profiled): the front already writes an access
-    # log line per request, and no trace exporter is configured (the service sends nothing), so
-    # BentoML's access log and the spans it would start and drop on every request are skipped.
+    # Per-request costs with no reader (profiled): the front logs every request, and with no trace
+    # exporter (the service sends nothing) each span would be started and dropped.
     logging={"access": {"enabled": False}},
     tracing={"excluded_urls": [".*"]},
 )
@@ -85,8 +84,7 @@ class Classifier:
         self.model_dir = model_dir  # the web UI reads the bundled examples from it (serving/ui.py)
         self.session = onnx_session(model_dir / "classifier.onnx", SETTINGS.threads, SETTINGS.ort_spinning)
         self.saliency_session = onnx_session(model_dir / "saliency.onnx", SETTINGS.threads, SETTINGS.ort_spinning)
-        provider = self.session.get_providers()[0]
-        log.info("model %s on %s", model_dir, provider)
+        log.info("model %s on %s", model_dir, provider := self.session.get_providers()[0])
         card = ModelCard.read(model_dir)
         self.classes: list[str] = card.classes
         self.image_size, self.channels = card.image_size, card.channels
@@ -94,8 +92,11 @@ class Classifier:
         self.info = Metadata.of(card, source, provider, SETTINGS.public())
         self.monitor = monitoring.Monitor(model_dir, card, SETTINGS, MonitoringPaths.from_env())
         self.batcher = Batcher(self._run, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
-        # Decoding runs here, off the event loop, a bounded number at a time.
-        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
+        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")  # off the loop
+
+    @bentoml.on_shutdown
+    def flush_log(self) -> None:  # a stopping worker writes its queued prediction records first
+        self.monitor.close()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """One row per image for the batcher, N×(classes + E + 3): probabilities, embedding, and what
@@ -123,9 +124,8 @@ class Classifier:
             raise PayloadTooLarge(f"images: {len(images)} files, over the limit of {SETTINGS.max_files}")
         facts = [await self._in_pool(uploads.inspect_upload, data, f"images[{i}]", SETTINGS)
                  for i, data in enumerate(images)]
-        pixels = [f.width * f.height for f in facts]
-        if sum(pixels) > SETTINGS.max_batch_pixels:
-            raise PayloadTooLarge(f"images: {sum(pixels)} decoded pixels in all, over the limit of "
+        if (pixels := sum(f.width * f.height for f in facts)) > SETTINGS.max_batch_pixels:
+            raise PayloadTooLarge(f"images: {pixels} decoded pixels in all, over the limit of "
                                   f"{SETTINGS.max_batch_pixels} (SERVING_MAX_BATCH_PIXELS)")
         arrays = [await self._in_pool(uploads.decode_upload, data, f"images[{i}]", self.image_size, self.channels,
                                       SETTINGS)
