@@ -202,7 +202,7 @@ def feature_records(
             "confidence": round(float(probabilities[row, top[0]]), 6),
             "mean_intensity": round(float(means[row]), 6),
             "std_intensity": round(float(stds[row]), 6),
-            "upload": asdict(facts) if facts is not None else None,
+            "upload": dict(vars(facts)) if facts is not None else None,  # asdict: 4x slower
             "embedding": rounded[row].tolist(),
         }
         if scores is not None:

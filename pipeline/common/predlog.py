@@ -38,6 +38,7 @@ SUFFIX = ".jsonl"
 DEFAULT_MAX_BYTES = 256 * 2**20  # the folder's bound: ~200,000 records of a 128-dim embedding
 DEFAULT_FILE_BYTES = 8 * 2**20  # rotation size; several worker processes may each hold one file this big
 DEFAULT_QUEUE = 10_000
+ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # one, not one per json.dumps call
 FLUSH_S = 0.05  # the writer's look at the queue: a kill -9 loses at most this long's records (plus a backlog)
 
 
@@ -127,7 +128,7 @@ class PredictionLog:
             return
         for record in records:
             try:
-                self._write((json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode())
+                self._write((ENCODER.encode(record) + "\n").encode())
                 with self._lock:
                     self._written += 1
             except (OSError, TypeError, ValueError) as err:  # never takes the service down
