@@ -6,12 +6,12 @@ raises: a record, or a function that builds the records from values the answer a
 writes it, so a request pays one append; when the queue is full the entry is dropped and counted
 (:attr:`PredictionLog.dropped`, for ``/metrics``). The thread looks at the queue every
 :data:`FLUSH_S` seconds instead of being woken per record (a wake-up per answer cost the
-event loop more than building the record did). Each record is one ``write`` of a whole line to
-a file opened with ``O_APPEND``, so a ``kill -9`` loses at most the records still queued and can
-tear only the last line of the file being written; :func:`read_records` skips a line that is
-not whole JSON. Each writer (one per worker process) writes its own files, named
-``<UTC time>-<pid>-<n>.jsonl`` so that names sort oldest first; past ``max_bytes`` for the whole
-folder the oldest files are deleted.
+event loop more than building the record did). What a look finds is written as whole lines,
+in one ``write`` where rotation allows, to a file opened with ``O_APPEND``, so a ``kill -9`` loses
+at most the records still queued and can tear only the last line of the file being written;
+:func:`read_records` skips a line that is not whole JSON. Each writer (one per worker process)
+writes its own files, named ``<UTC time>-<pid>-<n>.jsonl`` so that names sort oldest first; past
+``max_bytes`` for the whole folder the oldest files are deleted.
 
 Raw images are never logged: a record holds the feature record of :mod:`pipeline.common.features`.
 stdlib only: it ships in the Bento.
@@ -39,6 +39,7 @@ DEFAULT_MAX_BYTES = 256 * 2**20  # the folder's bound: ~200,000 records of a 128
 DEFAULT_FILE_BYTES = 8 * 2**20  # rotation size; several worker processes may each hold one file this big
 DEFAULT_QUEUE = 10_000
 ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # one, not one per json.dumps call
+FLUSH_LINES = 1000  # lines per write at most
 FLUSH_S = 0.05  # the writer's look at the queue: a kill -9 loses at most this long's records (plus a backlog)
 
 
@@ -68,6 +69,7 @@ class PredictionLog:
         self.max_bytes, self.file_bytes, self.queue_size = max_bytes, file_bytes, queue_size
         # deque.append and popleft are atomic: the request side takes no lock and wakes no thread
         self._pending: deque[dict | Callable[[], Iterable[dict]]] = deque()
+        self._in_hand = 0  # entries the writer has taken and not yet written (only the writer sets it)
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._dropped = self._written = self._errors = 0
@@ -82,7 +84,7 @@ class PredictionLog:
     def log(self, entry: dict | Callable[[], Iterable[dict]]) -> bool:
         """Queue a record (plain JSON types) or a function returning records, run on the writer
         thread; False when the queue was full and it was dropped."""
-        if len(self._pending) >= self.queue_size:
+        if len(self._pending) + self._in_hand >= self.queue_size:
             with self._lock:
                 self._dropped += 1
             return False
@@ -111,39 +113,65 @@ class PredictionLog:
         while True:
             closing = self._closing.wait(FLUSH_S)
             while self._pending:
-                self._handle(self._pending.popleft())
+                lines: list[bytes] = []
+                while self._pending and len(lines) < FLUSH_LINES:
+                    self._in_hand += 1  # taken but not written: still counts against the queue's size
+                    lines += self._encode(self._pending.popleft())
+                self._write_lines(lines)
+                self._in_hand = 0
             if closing:
                 break
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def _handle(self, entry: dict | Callable[[], Iterable[dict]]) -> None:
+    def _encode(self, entry: dict | Callable[[], Iterable[dict]]) -> list[bytes]:
+        """The entry's records as JSON lines; a record that cannot be built or encoded is counted, never raised."""
         try:
             records = [entry] if isinstance(entry, dict) else list(entry())
         except Exception as err:  # noqa: BLE001 - a record that cannot be built is dropped, never raised
-            with self._lock:
-                self._errors += 1
-            log.warning("prediction log: record dropped (%s: %s)", type(err).__name__, err)
-            return
+            self._count_errors(1, f"{type(err).__name__}: {err}")
+            return []
+        lines = []
         for record in records:
             try:
-                self._write((ENCODER.encode(record) + "\n").encode())
-                with self._lock:
-                    self._written += 1
-            except (OSError, TypeError, ValueError) as err:  # never takes the service down
-                with self._lock:
-                    self._errors += 1
-                log.warning("prediction log: record dropped (%s)", err)
+                lines.append((ENCODER.encode(record) + "\n").encode())
+            except (TypeError, ValueError) as err:
+                self._count_errors(1, str(err))
+        return lines
 
-    def _write(self, line: bytes) -> None:
-        if self._fd is None or self._size + len(line) > self.file_bytes or os.fstat(self._fd).st_nlink == 0:
-            self._rotate()  # a file another writer's bound deleted has no links left: start a new one
-        view = memoryview(line)
-        while view:  # one write for a whole line; a short write (disk full, signal) continues it
+    def _write_lines(self, lines: list[bytes]) -> None:
+        """Whole lines, as few writes as rotation allows: one syscall per flush, not per record (each
+        released the GIL to a waiting request). A failed write or rotation drops and counts what is left."""
+        left = lines
+        try:
+            if self._fd is not None and left and os.fstat(self._fd).st_nlink == 0:
+                self._rotate()  # a file another writer's bound deleted has no links left: start a new one
+            while left:
+                if self._fd is None or self._size + len(left[0]) > self.file_bytes:
+                    self._rotate()
+                take, size = 1, len(left[0])  # a line longer than a file still gets a file of its own
+                while take < len(left) and self._size + size + len(left[take]) <= self.file_bytes:
+                    size += len(left[take])
+                    take += 1
+                self._write(b"".join(left[:take]))
+                with self._lock:
+                    self._written += take
+                left = left[take:]
+        except OSError as err:  # never takes the service down
+            self._count_errors(len(left), str(err))
+
+    def _count_errors(self, count: int, reason: str) -> None:
+        with self._lock:
+            self._errors += count
+        log.warning("prediction log: %d record(s) dropped (%s)", count, reason)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # one write of whole lines; a short write (disk full, signal) continues it
             done = os.write(self._fd, view)
             view = view[done:]
-        self._size += len(line)
+        self._size += len(data)
 
     def _rotate(self) -> None:
         if self._fd is not None:
