@@ -1,10 +1,11 @@
 """What the service watches in its answers: OOD flags, the prediction log, class metrics, the panel, feedback.
 
-Every answered image goes through :meth:`Monitor.observe`: its feature record
-(:func:`pipeline.common.features.feature_records`: top-k, input statistics, the embedding, the
-OOD score against the deployable's ``reference.npz``) is handed to the prediction log
-(:class:`pipeline.common.predlog.PredictionLog`: a background writer that never blocks or raises;
-``SERVING_LOG=off`` turns it off) and counted on ``/metrics``:
+Each model call adds :meth:`Monitor.statistics` to its rows (input mean and std, the OOD score
+against the deployable's ``reference.npz``), batch-wide and off the event loop. Every answered
+image then goes through :meth:`Monitor.observe`: counted on ``/metrics`` and handed, as the values
+already computed, to the prediction log (:class:`pipeline.common.predlog.PredictionLog`: a
+background writer that never blocks or raises and builds the feature record of
+:func:`pipeline.common.features.feature_records` there; ``SERVING_LOG=off`` turns it off):
 
     classifier_predictions_total{class}            answered images per predicted class (the model's classes only)
     classifier_prediction_confidence               histogram of the top probability
@@ -24,8 +25,10 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 
@@ -37,9 +40,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from pipeline.common.contract import CARD_FILE, ModelCard, sha256_file
-from pipeline.common.features import Reference, feature_records, load_reference, upload_facts
+from pipeline.common.features import AnswerStats, Reference, UploadFacts, feature_records, load_reference
 from pipeline.common.feedback import FeedbackError, write_feedback
-from pipeline.common.predlog import DEFAULT_FILE_BYTES, PredictionLog, model_identity, prediction_record
+from pipeline.common.predlog import DEFAULT_FILE_BYTES, PredictionLog, deferred, model_identity
 from serving import uploads
 from serving.errors import FieldError, ImageRejected
 from serving.schemas import FeedbackStored
@@ -83,22 +86,47 @@ class Monitor:
         for name in self.classes:  # every class has a series from the start: an alert on a rate sees 0, not nothing
             PREDICTIONS.labels(name)
 
-    def observe(self, endpoint: str, probabilities: np.ndarray, embedding: np.ndarray, pixels: np.ndarray,
-                blobs: Sequence[bytes]) -> list[tuple[float | None, bool | None]]:
-        """Log and count the answers to ``blobs`` (N images); their (OOD score, flag), None without a reference."""
-        records = feature_records(probabilities, embedding, pixels, self.classes, self.reference,
-                                  uploads=[upload_facts(blob) for blob in blobs])
-        for record in records:
-            PREDICTIONS.labels(self.classes[record["predicted"]]).inc()
-            CONFIDENCE.observe(record["confidence"])
-            if record.get("ood"):
+    def statistics(self, pixels: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        """N×3: each image's mean and std intensity and OOD score (NaN without a reference), appended
+        to the model's rows where the model runs (:meth:`observe` reads them back)."""
+        stats = AnswerStats.of(pixels, embedding, self.reference)
+        scores = stats.ood_score if stats.ood_score is not None else np.full(len(pixels), np.nan)
+        return np.column_stack([stats.mean_intensity, stats.std_intensity, scores])
+
+    def observe(self, endpoint: str, rows: np.ndarray, uploads: Sequence[UploadFacts | None]
+                ) -> list[tuple[float | None, bool | None]]:
+        """Count and log N answers from their rows (probabilities, embedding, :meth:`statistics`);
+        their (OOD score, flag), None without a reference."""
+        k = len(self.classes)
+        probabilities, embedding, extra = rows[:, :k], rows[:, k:-3], rows[:, -3:].astype(np.float64)
+        scores = extra[:, 2] if self.reference is not None else None
+        predicted = probabilities.argmax(axis=1)
+        flags: list[tuple[float | None, bool | None]] = []
+        for row, index in enumerate(predicted.tolist()):
+            PREDICTIONS.labels(self.classes[index]).inc()
+            CONFIDENCE.observe(float(probabilities[row, index]))
+            if scores is None:
+                flags.append((None, None))
+                continue
+            ood = bool(scores[row] > self.reference.ood_threshold)
+            if ood:
                 OUT_OF_DISTRIBUTION.inc()
-            if self.log is not None:
-                self.log.log(prediction_record(record, self.identity, endpoint))
-        if self.log is not None and (dropped := self.log.dropped) > self.dropped_seen:
-            LOG_DROPPED.inc(dropped - self.dropped_seen)
-            self.dropped_seen = dropped
-        return [(record.get("ood_score"), record.get("ood")) for record in records]
+            flags.append((round(float(scores[row]), 4), ood))
+        if self.log is not None:
+            stats = AnswerStats(extra[:, 0], extra[:, 1], scores)
+            # the record is built on the log's thread from these values: the answer pays one append
+            self.log.log(deferred(partial(feature_records, probabilities, embedding, None, self.classes,
+                                          self.reference, uploads=list(uploads), stats=stats),
+                                  self.identity, endpoint, time.time()))
+            if (dropped := self.log.dropped) > self.dropped_seen:
+                LOG_DROPPED.inc(dropped - self.dropped_seen)
+                self.dropped_seen = dropped
+        return flags
+
+    def close(self) -> None:
+        """Write the prediction log's queued records and stop its thread (a worker shutting down)."""
+        if self.log is not None:
+            self.log.close()
 
     def reference_counts(self) -> dict[str, int] | None:
         if self.reference is None:

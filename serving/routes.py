@@ -67,7 +67,8 @@ async def call_api(path: str, request: Request, settings: Settings) -> Response:
                                                  service.decoders)
     else:
         answer = service.info
-    return JSONResponse(answer.model_dump())
+    # pydantic's own encoder (in Rust): the fields JSONResponse(answer.model_dump()) would give, without the dict
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 class ApiRoutes:

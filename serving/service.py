@@ -62,6 +62,10 @@ MODEL_TAG = store.store_tag()  # None when SERVING_MODEL is a folder
     # BentoML labels its request metrics with the raw path (unbounded under 404 scans), with no
     # setting to bound it: serving.metrics records requests and serves /metrics instead.
     metrics={"enabled": False, "namespace": "bentoml_service"},
+    # Per-request costs with no reader (profiled): the front logs every request, and with no trace
+    # exporter (the service sends nothing) each span would be started and dropped.
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": [".*"]},
 )
 class Classifier:
     """Image classifier with saliency maps, from ``SERVING_MODEL`` (a folder or a store tag)."""
@@ -80,8 +84,7 @@ class Classifier:
         self.model_dir = model_dir  # the web UI reads the bundled examples from it (serving/ui.py)
         self.session = onnx_session(model_dir / "classifier.onnx", SETTINGS.threads, SETTINGS.ort_spinning)
         self.saliency_session = onnx_session(model_dir / "saliency.onnx", SETTINGS.threads, SETTINGS.ort_spinning)
-        provider = self.session.get_providers()[0]
-        log.info("model %s on %s", model_dir, provider)
+        log.info("model %s on %s", model_dir, provider := self.session.get_providers()[0])
         card = ModelCard.read(model_dir)
         self.classes: list[str] = card.classes
         self.image_size, self.channels = card.image_size, card.channels
@@ -89,24 +92,20 @@ class Classifier:
         self.info = Metadata.of(card, source, provider, SETTINGS.public())
         self.monitor = monitoring.Monitor(model_dir, card, SETTINGS, MonitoringPaths.from_env())
         self.batcher = Batcher(self._run, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
-        # Decoding runs here, off the event loop, a bounded number at a time.
-        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
+        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")  # off the loop
+
+    @bentoml.on_shutdown
+    def flush_log(self) -> None:  # a stopping worker writes its queued prediction records first
+        self.monitor.close()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities and embedding side by side, N×(classes + E): one row per image for the batcher."""
-        return np.concatenate(self.session.run(["probabilities", "embedding"], {"image": batch}), axis=1)
-
-    def _observe(self, endpoint: str, rows: np.ndarray, pixels: np.ndarray, blobs: list[bytes]) -> list:
-        """Log and count the answers; each image's (OOD score, flag)."""
-        k = len(self.classes)
-        return self.monitor.observe(endpoint, rows[:, :k], rows[:, k:], pixels, blobs)
+        """One row per image for the batcher, N×(classes + E + 3): probabilities, embedding, and what
+        monitoring needs (mean and std intensity, OOD score), computed here off the event loop, batch-wide."""
+        probabilities, embedding = self.session.run(["probabilities", "embedding"], {"image": batch})
+        return np.concatenate([probabilities, embedding, self.monitor.statistics(batch, embedding)], axis=1)
 
     async def _in_pool(self, func, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoders, func, *args)
-
-    async def _decode(self, data: bytes, what: str) -> np.ndarray:
-        await self._in_pool(uploads.check_upload, data, what, SETTINGS)
-        return await self._in_pool(uploads.decode_upload, data, what, self.image_size, self.channels, SETTINGS)
 
     def _top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
         order = np.argsort(-probabilities, kind="stable")[: min(k, len(self.classes))]
@@ -114,25 +113,25 @@ class Classifier:
 
     # ------------------------------------------------------------------ on upload bytes (serving.routes)
     async def classify(self, data: bytes, k: int = 5) -> Predictions:
-        array = await self._decode(data, "image")
+        array, facts = await self._in_pool(uploads.prepare, data, "image", self.image_size, self.channels, SETTINGS)
         row = await self.batcher(array) if SETTINGS.batching else (await asyncio.to_thread(self._run, array[None]))[0]
-        [(score, ood)] = self._observe("/predict", row[None], array[None], [data])
+        [(score, ood)] = self.monitor.observe("/predict", row[None], [facts])
         return Predictions(model=self.info.model, version=self.info.version,
                            predictions=self._top_k(row[:len(self.classes)], k), ood_score=score, ood=ood)
 
     async def classify_all(self, images: list[bytes], k: int = 5) -> BatchPredictions:
         if len(images) > SETTINGS.max_files:
             raise PayloadTooLarge(f"images: {len(images)} files, over the limit of {SETTINGS.max_files}")
-        pixels = [await self._in_pool(uploads.check_upload, data, f"images[{i}]", SETTINGS)
-                  for i, data in enumerate(images)]
-        if sum(pixels) > SETTINGS.max_batch_pixels:
-            raise PayloadTooLarge(f"images: {sum(pixels)} decoded pixels in all, over the limit of "
+        facts = [await self._in_pool(uploads.inspect_upload, data, f"images[{i}]", SETTINGS)
+                 for i, data in enumerate(images)]
+        if (pixels := sum(f.width * f.height for f in facts)) > SETTINGS.max_batch_pixels:
+            raise PayloadTooLarge(f"images: {pixels} decoded pixels in all, over the limit of "
                                   f"{SETTINGS.max_batch_pixels} (SERVING_MAX_BATCH_PIXELS)")
         arrays = [await self._in_pool(uploads.decode_upload, data, f"images[{i}]", self.image_size, self.channels,
                                       SETTINGS)
                   for i, data in enumerate(images)]  # one at a time: a heavy batch takes turns with the others
         rows = await asyncio.to_thread(self._run, np.stack(arrays))
-        flags = self._observe("/predict_batch", rows, np.stack(arrays), images)
+        flags = self.monitor.observe("/predict_batch", rows, facts)
         return BatchPredictions(model=self.info.model, version=self.info.version,
                                 predictions=[self._top_k(row[:len(self.classes)], k) for row in rows],
                                 ood_score=[score for score, _ in flags], ood=[ood for _, ood in flags])
@@ -140,13 +139,13 @@ class Classifier:
     async def explain(self, data: bytes, target: Target = None, method: Method = "guided",
                       format: Format = "png") -> Response:
         index = target_index(target, self.classes)
-        await self._in_pool(uploads.check_upload, data, "image", SETTINGS)
+        facts = await self._in_pool(uploads.inspect_upload, data, "image", SETTINGS)
         array, square = await self._in_pool(uploads.decode_for_display, data, "image", self.image_size, self.channels,
                                             SETTINGS)  # one decode for the model and the picture
         feeds = {"image": array[None], "target": np.array([index], dtype=np.int64)}
         logits, gradient, guided, gradcam = await asyncio.to_thread(self.saliency_session.run, None, feeds)
         rows = await asyncio.to_thread(self._run, array[None])  # the embedding: saliency.onnx has none
-        [(score, ood)] = self._observe("/saliency", rows, array[None], [data])
+        [(score, ood)] = self.monitor.observe("/saliency", rows, [facts])
         maps = {"gradient": gradient[0], "guided": guided[0], "gradcam": gradcam[0],
                 "guided_gradcam": guided[0] * gradcam[0][None]}
         heat, scale = reduce_map(maps[method])

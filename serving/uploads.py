@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.common.features import UploadFacts
 from pipeline.common.images import ImageError, crop_resize, decode, open_image, preprocess, to_array
 from serving.errors import ImageRejected, PayloadTooLarge
 from serving.render import MAX_SIDE, display_side
@@ -82,7 +83,21 @@ def rejected(what: str, err: ImageError) -> ImageRejected:
 
 
 def check_upload(data: bytes, what: str, settings: Settings) -> int:
-    """The pixel count of an upload from its header (no pixel decoding), or a 4xx exception.
+    """The pixel count of an upload from its header (no pixel decoding), or a 4xx exception
+    (:func:`inspect_upload`)."""
+    facts = inspect_upload(data, what, settings)
+    return facts.width * facts.height
+
+
+def prepare(data: bytes, what: str, image_size: int, channels: int, settings: Settings
+            ) -> tuple[np.ndarray, UploadFacts]:
+    """One upload checked and decoded in one call (one trip to a decoding thread): (uint8 C×H×W, its facts)."""
+    facts = inspect_upload(data, what, settings)
+    return decode_upload(data, what, image_size, channels, settings), facts
+
+
+def inspect_upload(data: bytes, what: str, settings: Settings) -> UploadFacts:
+    """What the upload is, from its header (no pixel decoding), or a 4xx exception.
 
     Refuses more bytes than ``max_bytes`` (413), what is not an allowed format (415), too many
     pixels (413), too small a side (422) and JPEGs whose scans × pixels exceed ``max_scan_pixels`` (422).
@@ -99,7 +114,7 @@ def check_upload(data: bytes, what: str, settings: Settings) -> int:
             raise ImageError("too_many_scans", f"a {width}x{height} JPEG of more than {scans - 1} scans (progressive "
                                                f"passes): over the decoding budget of {settings.max_scan_pixels} "
                                                "scanned pixels (SERVING_MAX_SCAN_PIXELS)")
-        return width * height
+        return UploadFacts(len(data), header.format or "", width, height)
     except ImageError as err:
         raise rejected(what, err) from None
     except Exception as err:  # noqa: BLE001 - whatever a decoder raises on a hostile header is a bad image

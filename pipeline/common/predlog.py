@@ -1,13 +1,17 @@
 """The prediction log: append-only JSON lines, rotated by size, in a size-bounded folder.
 
-The service hands each answer's record to :meth:`PredictionLog.log`, which never blocks and
-never raises: records wait in a bounded queue for one background thread that writes them; when
-the queue is full the record is dropped and counted (:attr:`PredictionLog.dropped`, for
-``/metrics``). Each record is one ``write`` of a whole line to a file opened with ``O_APPEND``,
-so a ``kill -9`` loses at most the records still queued and can tear only the last line of the
-file being written; :func:`read_records` skips a line that is not whole JSON. Each writer (one
-per worker process) writes its own files, named ``<UTC time>-<pid>-<n>.jsonl`` so that names
-sort oldest first; past ``max_bytes`` for the whole folder the oldest files are deleted.
+The service hands each answer to :meth:`PredictionLog.log`, which never blocks and never
+raises: a record, or a function that builds the records from values the answer already holds
+(:func:`deferred`), waits in a bounded queue for one background thread that builds, encodes and
+writes it, so a request pays one append; when the queue is full the entry is dropped and counted
+(:attr:`PredictionLog.dropped`, for ``/metrics``). The thread looks at the queue every
+:data:`FLUSH_S` seconds instead of being woken per record (a wake-up per answer cost the
+event loop more than building the record did). What a look finds is written as whole lines,
+in one ``write`` where rotation allows, to a file opened with ``O_APPEND``, so a ``kill -9`` loses
+at most the records still queued and can tear only the last line of the file being written;
+:func:`read_records` skips a line that is not whole JSON. Each writer (one per worker process)
+writes its own files, named ``<UTC time>-<pid>-<n>.jsonl`` so that names sort oldest first; past
+``max_bytes`` for the whole folder the oldest files are deleted.
 
 Raw images are never logged: a record holds the feature record of :mod:`pipeline.common.features`.
 stdlib only: it ships in the Bento.
@@ -18,10 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +38,9 @@ SUFFIX = ".jsonl"
 DEFAULT_MAX_BYTES = 256 * 2**20  # the folder's bound: ~200,000 records of a 128-dim embedding
 DEFAULT_FILE_BYTES = 8 * 2**20  # rotation size; several worker processes may each hold one file this big
 DEFAULT_QUEUE = 10_000
+ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # one, not one per json.dumps call
+FLUSH_LINES = 1000  # lines per write at most
+FLUSH_S = 0.05  # the writer's look at the queue: a kill -9 loses at most this long's records (plus a backlog)
 
 
 def log_dir(environ: dict[str, str] | None = None) -> Path:
@@ -49,7 +56,7 @@ class PredictionLog:
         directory: the log folder (created if missing).
         max_bytes: bound on the folder's ``*.jsonl`` files, all writers together; the oldest are deleted.
         file_bytes: a file is closed and a new one started before it would pass this size.
-        queue_size: records that may wait; beyond, :meth:`log` drops and counts.
+        queue_size: entries that may wait; beyond, :meth:`log` drops and counts.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -59,8 +66,11 @@ class PredictionLog:
                              f"({max_bytes}), so that rotation can keep the folder under its bound")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_bytes, self.file_bytes = max_bytes, file_bytes
-        self._queue: queue.Queue[dict | None] = queue.Queue(queue_size)
+        self.max_bytes, self.file_bytes, self.queue_size = max_bytes, file_bytes, queue_size
+        # deque.append and popleft are atomic: the request side takes no lock and wakes no thread
+        self._pending: deque[dict | Callable[[], Iterable[dict]]] = deque()
+        self._in_hand = 0  # entries the writer has taken and not yet written (only the writer sets it)
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._dropped = self._written = self._errors = 0
         self._fd: int | None = None
@@ -71,19 +81,20 @@ class PredictionLog:
         self._thread.start()
 
     # ------------------------------------------------------------------ the request side
-    def log(self, record: dict) -> bool:
-        """Queue ``record`` (plain JSON types); False when the queue was full and it was dropped."""
-        try:
-            self._queue.put_nowait(record)
-            return True
-        except queue.Full:
+    def log(self, entry: dict | Callable[[], Iterable[dict]]) -> bool:
+        """Queue a record (plain JSON types) or a function returning records, run on the writer
+        thread; False when the queue was full and it was dropped."""
+        if len(self._pending) + self._in_hand >= self.queue_size:
             with self._lock:
                 self._dropped += 1
             return False
+        self._pending.append(entry)
+        return True
 
     @property
     def dropped(self) -> int:
-        """Records dropped because the queue was full or the write failed (a counter for ``/metrics``)."""
+        """Entries dropped because the queue was full, or records whose building or writing failed
+        (a counter for ``/metrics``)."""
         with self._lock:
             return self._dropped + self._errors
 
@@ -94,33 +105,73 @@ class PredictionLog:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the thread and close the file."""
-        self._queue.put(None)
+        self._closing.set()
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ the writer thread
     def _run(self) -> None:
-        while (record := self._queue.get()) is not None:
-            try:
-                line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
-                self._write(line)
-                with self._lock:
-                    self._written += 1
-            except (OSError, TypeError, ValueError) as err:  # never takes the service down
-                with self._lock:
-                    self._errors += 1
-                log.warning("prediction log: record dropped (%s)", err)
+        while True:
+            closing = self._closing.wait(FLUSH_S)
+            while self._pending:
+                lines: list[bytes] = []
+                while self._pending and len(lines) < FLUSH_LINES:
+                    self._in_hand += 1  # taken but not written: still counts against the queue's size
+                    lines += self._encode(self._pending.popleft())
+                self._write_lines(lines)
+                self._in_hand = 0
+            if closing:
+                break
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def _write(self, line: bytes) -> None:
-        if self._fd is None or self._size + len(line) > self.file_bytes or os.fstat(self._fd).st_nlink == 0:
-            self._rotate()  # a file another writer's bound deleted has no links left: start a new one
-        view = memoryview(line)
-        while view:  # one write for a whole line; a short write (disk full, signal) continues it
+    def _encode(self, entry: dict | Callable[[], Iterable[dict]]) -> list[bytes]:
+        """The entry's records as JSON lines; a record that cannot be built or encoded is counted, never raised."""
+        try:
+            records = [entry] if isinstance(entry, dict) else list(entry())
+        except Exception as err:  # noqa: BLE001 - a record that cannot be built is dropped, never raised
+            self._count_errors(1, f"{type(err).__name__}: {err}")
+            return []
+        lines = []
+        for record in records:
+            try:
+                lines.append((ENCODER.encode(record) + "\n").encode())
+            except (TypeError, ValueError) as err:
+                self._count_errors(1, str(err))
+        return lines
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        """Whole lines, as few writes as rotation allows: one syscall per flush, not per record (each
+        released the GIL to a waiting request). A failed write or rotation drops and counts what is left."""
+        left = lines
+        try:
+            if self._fd is not None and left and os.fstat(self._fd).st_nlink == 0:
+                self._rotate()  # a file another writer's bound deleted has no links left: start a new one
+            while left:
+                if self._fd is None or self._size + len(left[0]) > self.file_bytes:
+                    self._rotate()
+                take, size = 1, len(left[0])  # a line longer than a file still gets a file of its own
+                while take < len(left) and self._size + size + len(left[take]) <= self.file_bytes:
+                    size += len(left[take])
+                    take += 1
+                self._write(b"".join(left[:take]))
+                with self._lock:
+                    self._written += take
+                left = left[take:]
+        except OSError as err:  # never takes the service down
+            self._count_errors(len(left), str(err))
+
+    def _count_errors(self, count: int, reason: str) -> None:
+        with self._lock:
+            self._errors += count
+        log.warning("prediction log: %d record(s) dropped (%s)", count, reason)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # one write of whole lines; a short write (disk full, signal) continues it
             done = os.write(self._fd, view)
             view = view[done:]
-        self._size += len(line)
+        self._size += len(data)
 
     def _rotate(self) -> None:
         if self._fd is not None:
@@ -232,6 +283,19 @@ def prediction_record(features: dict, model: dict, endpoint: str, now: float | N
     """
     when = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
     return {"time": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "endpoint": endpoint, "model": model, **features}
+
+
+def deferred(features: Callable[[], Iterable[dict]], model: dict, endpoint: str, now: float
+             ) -> Callable[[], list[dict]]:
+    """An entry for :meth:`PredictionLog.log` that builds its records on the writer thread.
+
+    Args:
+        features: returns the answers' feature records (a :func:`functools.partial` of
+            :func:`pipeline.common.features.feature_records` over values the answer already computed).
+        model, endpoint: as for :func:`prediction_record`.
+        now: the answer's POSIX time, taken when it was given (not when it is written).
+    """
+    return lambda: [prediction_record(record, model, endpoint, now) for record in features()]
 
 
 def model_identity(name: str, version: str, card_sha256: str) -> dict:

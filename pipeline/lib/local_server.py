@@ -55,6 +55,9 @@ class FrontSettings:
                                 "open connections per nginx worker, clients and service together")
     backlog: int = env_field("FRONT_BACKLOG", 4096, "connections waiting to be accepted (capped by net.core.somaxconn)")
     workers: int = env_field("FRONT_WORKERS", 1, "nginx worker processes (one serves thousands of connections)")
+    service_connection_requests: int = env_field(
+        "FRONT_SERVICE_CONNECTION_REQUESTS", 4,
+        "requests per kept-alive connection to the service, then a new one (spreads them over its workers)")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> FrontSettings:
