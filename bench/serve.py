@@ -339,6 +339,8 @@ def main() -> int:
         f"1 worker x {usable_cpus()} threads, spin on": {**one_worker, "SERVING_ORT_SPINNING": "1"},
         "defaults, spin on": {"SERVING_ORT_SPINNING": "1"},
         "defaults, 2 decode threads": {"SERVING_DECODE_THREADS": "2"},
+        "defaults, batches of at most 8": {"SERVING_MAX_BATCH_SIZE": "8"},
+        "defaults, batches of at most 64": {"SERVING_MAX_BATCH_SIZE": "64"},
         "front: 2 nginx workers": {"FRONT_WORKERS": "2"},
         "front: FRONT_MAX_SERVICE_REQUESTS=64": {"FRONT_MAX_SERVICE_REQUESTS": "64"},
         # nginx's default: kept-alive connections all end up in the busiest service worker

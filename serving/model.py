@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.common.contract import CLASSIFIER_FILE, SALIENCY_FILE, ModelCard
 from serving import store
 
@@ -27,6 +29,16 @@ def onnx_session(path: Path, threads: int, spinning: bool = False, cpu_only: boo
         finally:
             ort.set_default_logger_severity(2)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_in_chunks(session, outputs: list[str], batch: np.ndarray, size: int) -> list[np.ndarray]:
+    """``session.run`` on at most ``size`` images at a time, each output concatenated over the chunks.
+
+    onnxruntime's memory arena grows to the largest batch it has run and keeps it: with chunks, that
+    is one ``size`` batch (reached at start-up), however many images one request brings.
+    """
+    chunks = [session.run(outputs, {"image": batch[i:i + size]}) for i in range(0, len(batch), size)]
+    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
 
 def check_model_or_exit() -> None:

@@ -6,9 +6,8 @@
 (``image``, ``target``, ``method``, ``format``), ``POST /feedback`` (``image``, ``label``) and
 ``GET|POST /metadata``: files are multipart form fields (README, "Serving"). Every answer is
 logged and counted, with an out-of-distribution score, by :mod:`serving.monitoring`. The typed
-methods below are the APIs; :mod:`serving.routes` parses the forms, :mod:`serving.uploads` decodes. Settings come
-from ``SERVING_*`` environment variables (:mod:`serving.settings`). Only onnxruntime, numpy and
-Pillow run here: never torch, mlflow or dvc. The service makes no outbound request.
+methods below are the APIs; :mod:`serving.routes` parses the forms, :mod:`serving.uploads` decodes.
+Settings: ``SERVING_*`` variables (:mod:`serving.settings`). No torch, mlflow, dvc, outbound request.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pipeline.common.contract import ModelCard
 from serving import metrics, monitoring, openapi, routes, store, ui, uploads
 from serving.batching import Batcher
 from serving.errors import ErrorBodies, PayloadTooLarge
-from serving.model import check_model_or_exit, onnx_session
+from serving.model import check_model_or_exit, onnx_session, run_in_chunks
 from serving.render import reduce_map, saliency_png
 from serving.schemas import (
     BatchPredictions,
@@ -62,8 +61,7 @@ MODEL_TAG = store.store_tag()  # None when SERVING_MODEL is a folder
     # BentoML labels its request metrics with the raw path (unbounded under 404 scans), with no
     # setting to bound it: serving.metrics records requests and serves /metrics instead.
     metrics={"enabled": False, "namespace": "bentoml_service"},
-    # Per-request costs with no reader (profiled): the front logs every request, and with no trace
-    # exporter (the service sends nothing) each span would be started and dropped.
+    # Per-request costs with no reader (profiled): the front logs requests; spans have no exporter.
     logging={"access": {"enabled": False}},
     tracing={"excluded_urls": [".*"]},
 )
@@ -93,6 +91,8 @@ class Classifier:
         self.monitor = monitoring.Monitor(model_dir, card, SETTINGS, MonitoringPaths.from_env())
         self.batcher = Batcher(self._run, SETTINGS.max_batch_size, SETTINGS.max_latency_ms)
         self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")  # off the loop
+        # onnxruntime's arena keeps its largest batch for good: reach that plateau now (flat memory under load)
+        self._run(np.zeros((SETTINGS.max_batch_size, self.channels, self.image_size, self.image_size), np.uint8))
 
     @bentoml.on_shutdown
     def flush_log(self) -> None:  # a stopping worker writes its queued prediction records first
@@ -101,7 +101,8 @@ class Classifier:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """One row per image for the batcher, N×(classes + E + 3): probabilities, embedding, and what
         monitoring needs (mean and std intensity, OOD score), computed here off the event loop, batch-wide."""
-        probabilities, embedding = self.session.run(["probabilities", "embedding"], {"image": batch})
+        probabilities, embedding = run_in_chunks(self.session, ["probabilities", "embedding"], batch,
+                                                 SETTINGS.max_batch_size)
         return np.concatenate([probabilities, embedding, self.monitor.statistics(batch, embedding)], axis=1)
 
     async def _in_pool(self, func, *args):

@@ -6,6 +6,7 @@ The model is the session's ``exported_model`` fixture (conftest), never ``artifa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -211,6 +212,27 @@ def test_predict_batch(classifier, run, exported_model: Path, photos: list[Path]
     assert [r[0].index for r in result.predictions] == list(expected.argmax(1))
     with pytest.raises(ImageRejected, match=r"images\[1\]: too_small"):
         run(classifier.predict_batch(images=[photos[0], write_png(photos[0].parent / "thin.png", 1, 30)]))
+
+
+def test_onnxruntime_sees_at_most_max_batch_size_images(classifier, exported_model: Path, photos: list[Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """More images than SERVING_MAX_BATCH_SIZE (a /predict_batch) run in chunks: onnxruntime's arena,
+    filled to one maximum batch at start-up, never grows; the rows are those of one call."""
+    batch = np.stack([images.preprocess(p, SIZE, CHANNELS) for p in photos])
+    whole = classifier._run(batch)
+    monkeypatch.setattr(service, "SETTINGS", dataclasses.replace(service.SETTINGS, max_batch_size=4))
+    real, sizes = classifier.session, []
+
+    class Counting:
+        def run(self, names, feeds):
+            sizes.append(len(feeds["image"]))
+            return real.run(names, feeds)
+
+    monkeypatch.setattr(classifier, "session", Counting())
+    chunked = classifier._run(batch)
+    assert sizes == [4, 2]
+    # the same arithmetic per image; float32 kernels may block a different batch size differently
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=256 * np.finfo(np.float32).eps * np.abs(whole).max())
 
 
 def test_saliency_png_and_json(classifier, run, exported_model: Path, photos: list[Path]) -> None:
