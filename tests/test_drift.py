@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.common.features import (
+    VALUE_DECIMALS,
     Reference,
     UploadFacts,
     feature_records,
@@ -17,7 +19,7 @@ from pipeline.common.features import (
     ood_features,
     upload_facts,
 )
-from pipeline.lib.drift import ALPHA, Window, class_test, compare, mmd_test
+from pipeline.lib.drift import ALPHA, Window, class_test, compare, ks_test, mmd_test
 from pipeline.lib.reference import fit_ood
 
 CLASSES = ["cat", "dog", "owl"]
@@ -140,3 +142,19 @@ def test_mahalanobis_scores_use_the_nearest_class() -> None:
     means = np.array([[0.0, 0.0], [10.0, 0.0]])
     scores = mahalanobis_scores(np.array([[1.0, 0.0], [9.0, 0.0], [5.0, 3.0]]), means, np.eye(2))
     np.testing.assert_allclose(scores, [1.0, 1.0, 34.0])
+
+
+def test_saturated_confidences_rounded_by_the_log_are_no_drift(reference: Reference) -> None:
+    # A confident model: many top probabilities within 1e-6 of 1. The reference keeps them as float32,
+    # the log rounds them to 6 decimals (feature_records), so 0.9999997 is 1.0 in the window.
+    rng = np.random.default_rng(7)
+
+    def saturated(n: int) -> np.ndarray:
+        return (1 - 10 ** -rng.uniform(5, 8, n)).astype(np.float32)
+
+    ref = replace(reference, confidence=saturated(len(reference.predicted)))
+    window = population(rng, 300)
+    window = replace(window, confidence=np.array([round(float(c), VALUE_DECIMALS) for c in saturated(300)]))
+    assert ks_test(ref.confidence, window.confidence)[1] < 1e-6  # unrounded against rounded: a false "shift"
+    signals = {s.name: s for s in compare(ref, window, CLASSES)}
+    assert not signals["confidence"].drift and signals["confidence"].p_value > 0.05
