@@ -172,14 +172,16 @@ def records_of(session, images: np.ndarray, card: ModelCard, reference: Referenc
 
 def window_verdicts(reference: Reference, records: list[dict], classes: list[str],
                     rows: list[np.ndarray]) -> dict:
-    """:func:`compare` on each window: how many drifted (any signal) and how often each signal fired."""
-    drifted, fired = 0, {}
+    """:func:`compare` on each window: how many drifted (any signal), how often each signal fired, and
+    how often each signal's p-value was below 0.05 uncorrected (the calibration check)."""
+    drifted, fired, below = 0, {}, {}
     for w, picks in enumerate(rows):
         signals = compare(reference, Window.from_records([records[i] for i in picks]), classes, seed=w)
         drifted += any(s.drift for s in signals)
         for s in signals:
             fired[s.name] = fired.get(s.name, 0) + int(s.drift)
-    return {"windows": len(rows), "drift": drifted, "signals": fired}
+            below[s.name] = below.get(s.name, 0) + int(s.p_value < 0.05)
+    return {"windows": len(rows), "drift": drifted, "signals": fired, "p_below_0.05": below}
 
 
 def score_comparison(session, export: Path, sets: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -310,6 +312,13 @@ def print_tables(results: dict) -> None:
             cells = [f"{found['signals'][name] / n:.0%}" for name in SIGNALS]
             print(f"| {kind} | {n} | {'yes' if found['disjoint'] else 'no'} | {found['drift']}/{n} = "
                   f"{found['drift'] / n:.1%} | " + " | ".join(cells) + f" | {results['ood_flag'][kind]:.1%} |")
+    print("\nCalibration on the test split: share of windows whose p-value is below 0.05, uncorrected (each test's "
+          "null distribution is right if it is near 5 %):")
+    print("| window size | windows | " + " | ".join(SIGNALS) + " |\n|---|---|" + "---|" * len(SIGNALS))
+    for size, by_kind in results["windows"].items():
+        found = by_kind[IN_DISTRIBUTION]
+        print(f"| {size} | {found['windows']} | "
+              + " | ".join(f"{found['p_below_0.05'][name] / found['windows']:.0%}" for name in SIGNALS) + " |")
     kinds = list(results["ood_flag"])
     print("\nOOD flag per image (threshold: the validation split's 99th percentile; on the test split = false flags):")
     print("| score | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
