@@ -33,7 +33,6 @@ from pipeline.common.files import write_atomic
 
 TOP_K = 3  # classes per logged answer
 EMBEDDING_DECIMALS = 5  # logged precision: enough for distances, ~8 characters a value
-VALUE_DECIMALS = 6  # logged precision of probabilities and input statistics
 OOD_PERCENTILE = 99.0  # of the validation split's scores: the flag's threshold (~1 % false flags)
 
 
@@ -179,12 +178,11 @@ def feature_records(
     for row, top in enumerate(order):
         facts = uploads[row] if uploads is not None else None
         record = {
-            "top_k": [{"class": classes[c], "probability": round(float(probabilities[row, c]), VALUE_DECIMALS)}
-                      for c in top],
+            "top_k": [{"class": classes[c], "probability": round(float(probabilities[row, c]), 6)} for c in top],
             "predicted": int(top[0]),
-            "confidence": round(float(probabilities[row, top[0]]), VALUE_DECIMALS),
-            "mean_intensity": round(float(means[row]), VALUE_DECIMALS),
-            "std_intensity": round(float(stds[row]), VALUE_DECIMALS),
+            "confidence": round(float(probabilities[row, top[0]]), 6),
+            "mean_intensity": round(float(means[row]), 6),
+            "std_intensity": round(float(stds[row]), 6),
             "upload": asdict(facts) if facts is not None else None,
             "embedding": rounded[row].tolist(),
         }

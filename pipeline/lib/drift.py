@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from pipeline.common.features import VALUE_DECIMALS, Reference
+from pipeline.common.features import Reference
 
 ALPHA = 0.05  # the whole check's false-alarm rate
 PERMUTATIONS = 500  # MMD's p-value resolution is 1/501, below ALPHA / 6
 MIN_WINDOW = 30
 MMD_MAX_ROWS = 1000  # per side: the kernel matrix and each permutation grow with the square
+LOGGED_DECIMALS = 6  # what feature_records keeps of probabilities and input statistics
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,13 @@ def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int = PERM
 
 
 def as_logged(values: np.ndarray) -> np.ndarray:
-    """``values`` at the precision the prediction log keeps (:data:`VALUE_DECIMALS`).
+    """``values`` at the precision the prediction log keeps (:data:`LOGGED_DECIMALS`).
 
     The reference holds unrounded float32 confidences, the log rounded ones: a model whose
     confidences saturate has many at 0.9999997 in the reference and at exactly 1.0 in the log, a
     KS "shift" that is only rounding. Both sides at the same precision compare like with like.
     """
-    return np.round(np.asarray(values, np.float64), VALUE_DECIMALS)
+    return np.round(np.asarray(values, np.float64), LOGGED_DECIMALS)
 
 
 def _summary(values: np.ndarray) -> str:
