@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from pipeline.common.features import (
     ood_features,
     upload_facts,
 )
-from pipeline.lib.drift import ALPHA, Window, class_test, compare, mmd_test
+from pipeline.lib.drift import ALPHA, LOGGED_DECIMALS, Window, as_logged, class_test, compare, ks_test, mmd_test
 from pipeline.lib.reference import fit_ood
 
 CLASSES = ["cat", "dog", "owl"]
@@ -140,3 +141,32 @@ def test_mahalanobis_scores_use_the_nearest_class() -> None:
     means = np.array([[0.0, 0.0], [10.0, 0.0]])
     scores = mahalanobis_scores(np.array([[1.0, 0.0], [9.0, 0.0], [5.0, 3.0]]), means, np.eye(2))
     np.testing.assert_allclose(scores, [1.0, 1.0, 34.0])
+
+
+def test_saturated_confidences_rounded_by_the_log_are_no_drift(reference: Reference) -> None:
+    # A confident model: many top probabilities within 1e-6 of 1. The reference keeps them as float32,
+    # the log rounds them to 6 decimals (feature_records), so 0.9999997 is 1.0 in the window.
+    rng = np.random.default_rng(7)
+
+    def saturated(n: int) -> np.ndarray:
+        return (1 - 10 ** -rng.uniform(5, 8, n)).astype(np.float32)
+
+    ref = replace(reference, confidence=saturated(len(reference.predicted)))
+    window = population(rng, 300)
+    window = replace(window, confidence=np.array([round(float(c), LOGGED_DECIMALS) for c in saturated(300)]))
+    assert ks_test(ref.confidence, window.confidence)[1] < 1e-6  # unrounded against rounded: a false "shift"
+    signals = {s.name: s for s in compare(ref, window, CLASSES)}
+    assert not signals["confidence"].drift and signals["confidence"].p_value > 0.05
+
+
+def test_the_drift_tests_round_as_the_log_does(reference: Reference) -> None:
+    # as_logged must keep exactly what feature_records keeps, or the two sides differ by rounding alone
+    values = np.random.default_rng(8).random((3, 3)).astype(np.float32)
+    probabilities = values / values.sum(axis=1, keepdims=True)
+    pixels = np.random.default_rng(9).integers(0, 256, (3, 1, 5, 7), dtype=np.uint8)
+    records = feature_records(probabilities, np.zeros((3, DIMS)), pixels, CLASSES, reference)
+    window = Window.from_records(records)
+    for name in ("confidence", "mean_intensity", "std_intensity"):
+        logged = getattr(window, name)
+        np.testing.assert_array_equal(as_logged(logged), logged)  # already at the log's precision
+    np.testing.assert_array_equal(window.confidence, as_logged(probabilities.max(axis=1)))

@@ -3,7 +3,8 @@
 One two-sample test per signal, all from SciPy:
 
 - ``predicted_class``: chi-square test of homogeneity on the 2×K table of predicted-class counts;
-- ``confidence``, ``mean_intensity``, ``std_intensity``, ``ood_score``: Kolmogorov–Smirnov;
+- ``confidence``, ``mean_intensity``, ``std_intensity``, ``ood_score``: Kolmogorov–Smirnov (the
+  first three with the reference rounded as the log rounds: :func:`as_logged`);
 - ``embedding``: maximum mean discrepancy (Gaussian kernel, median-distance bandwidth) with a
   permutation p-value (``scipy.stats.permutation_test`` over the rows of one kernel matrix):
   multivariate, so it sees a shift that no single coordinate shows.
@@ -25,6 +26,7 @@ ALPHA = 0.05  # the whole check's false-alarm rate
 PERMUTATIONS = 500  # MMD's p-value resolution is 1/501, below ALPHA / 6
 MIN_WINDOW = 30
 MMD_MAX_ROWS = 1000  # per side: the kernel matrix and each permutation grow with the square
+LOGGED_DECIMALS = 6  # what feature_records keeps of probabilities and input statistics
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,16 @@ def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int = PERM
     return float(np.squeeze(result.statistic)), float(np.squeeze(result.pvalue))
 
 
+def as_logged(values: np.ndarray) -> np.ndarray:
+    """``values`` at the precision the prediction log keeps (:data:`LOGGED_DECIMALS`).
+
+    The reference holds unrounded float32 confidences, the log rounded ones: a model whose
+    confidences saturate has many at 0.9999997 in the reference and at exactly 1.0 in the log, a
+    KS "shift" that is only rounding. Both sides at the same precision compare like with like.
+    """
+    return np.round(np.asarray(values, np.float64), LOGGED_DECIMALS)
+
+
 def _summary(values: np.ndarray) -> str:
     return f"median {np.median(values):.3g} (p5 {np.percentile(values, 5):.3g}, p95 {np.percentile(values, 95):.3g})"
 
@@ -136,7 +148,7 @@ def compare(reference: Reference, window: Window, classes: list[str], alpha: flo
          _class_summary(reference.predicted, classes), _class_summary(window.predicted, classes)),
     ]
     for name in ("confidence", "mean_intensity", "std_intensity"):
-        ref, cur = getattr(reference, name), getattr(window, name)
+        ref, cur = as_logged(getattr(reference, name)), as_logged(getattr(window, name))
         tests.append((name, "Kolmogorov-Smirnov", ks_test(ref, cur), _summary(ref), _summary(cur)))
     # recomputed, not read from the log: the records may predate this reference
     scores = reference.ood_scores(window.embedding, window.mean_intensity, window.std_intensity)
