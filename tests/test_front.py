@@ -29,7 +29,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from pipeline.lib.local_server import ROOT, LocalServer
+from pipeline.lib.local_server import ECHO_MODULE, ROOT, FrontSettings, LocalServer, front_config
 from tests.conftest import burst, serving
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 MAX_REQUESTS, MAX_SERVICE_REQUESTS = 8, 2
 LIMITS = {"SERVING_WORKERS": "1", "FRONT_HEADER_TIMEOUT": "2", "FRONT_BODY_TIMEOUT": "2",
           "FRONT_MAX_REQUESTS": str(MAX_REQUESTS), "FRONT_MAX_SERVICE_REQUESTS": str(MAX_SERVICE_REQUESTS),
-          "FRONT_MAX_BODY_BYTES": "2000000"}
+          "FRONT_MAX_BODY_BYTES": "2000000", "FRONT_REJECT_DELAY_MS": "200"}
 
 
 def png(seed: int = 0) -> bytes:
@@ -273,9 +273,13 @@ def test_when_full_the_503_and_retry_after_come_before_the_body(server: LocalSer
     try:
         wait_until_held(server, MAX_REQUESTS)
         with connect(server) as sock:  # headers only, a large body announced and never sent (no Expect)
+            sent = time.monotonic()
             sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                          b"Content-Length: 1900000\r\n\r\n")  # under FRONT_MAX_BODY_BYTES
             raw = sock.recv(65536)
+            waited = time.monotonic() - sent
+        # FRONT_REJECT_DELAY_MS holds it back, so a client retrying at once cannot spin (a wait, not a speed)
+        assert waited >= 0.2, waited
         assert b"\r\nRetry-After: 1\r\n" in raw.partition(b"\r\n\r\n")[0]
         assert "overloaded" in front_error(raw, 503)
         probe = http.get("/readyz")  # health probes stay answerable when full
@@ -357,3 +361,13 @@ def test_a_missing_nginx_is_one_line_naming_the_debian_package(tmp_path: Path) -
                               capture_output=True, text=True, timeout=60, env=env)
         assert done.returncode == 1 and done.stderr.strip().splitlines() == [line], done.stderr
     assert subprocess.run([sys.executable, "-m", "pipeline.serve", "--check"], cwd=ROOT, timeout=60).returncode == 0
+
+
+def test_the_overload_reply_waits_only_when_asked_and_the_module_is_there(tmp_path: Path) -> None:
+    settings = FrontSettings.from_env({"FRONT_REJECT_DELAY_MS": "0"})
+    at_once = front_config(settings, "127.0.0.1", 3000, "127.0.0.1:3001", tmp_path)
+    assert "load_module" not in at_once and "echo_sleep" not in at_once
+    assert "error_page 503 /__front/503;" in at_once
+    waiting = front_config(FrontSettings.from_env({}), "127.0.0.1", 3000, "127.0.0.1:3001", tmp_path)
+    assert f"load_module {ECHO_MODULE};" in waiting and "echo_sleep 0.050; echo_exec $1;" in waiting
+    assert "error_page 503 /__front/wait/__front/503;" in waiting

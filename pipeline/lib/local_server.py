@@ -31,6 +31,8 @@ from pipeline.common.errors import UserError
 ROOT = Path(__file__).resolve().parents[2]
 FRONT_TEMPLATE = ROOT / "serving" / "front" / "nginx.conf"
 FRONT_PACKAGE = "nginx"  # the Debian package with /usr/sbin/nginx
+ECHO_PACKAGE = "libnginx-mod-http-echo"  # nginx's echo module (echo_sleep), for FRONT_REJECT_DELAY_MS
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 STOP_GRACE_S = 20
 
 
@@ -58,11 +60,16 @@ class FrontSettings:
     service_connection_requests: int = env_field(
         "FRONT_SERVICE_CONNECTION_REQUESTS", 4,
         "requests per kept-alive connection to the service, then a new one (spreads them over its workers)")
+    reject_delay_ms: int = env_field(
+        "FRONT_REJECT_DELAY_MS", 50,
+        "an overload 503 is sent after this wait, so clients that retry at once cannot spin the CPUs "
+        f"(0: at once; needs nginx's echo module, Debian '{ECHO_PACKAGE}')")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> FrontSettings:
         """Settings from ``env`` (default ``os.environ``); a bad value is a :class:`UserError` naming it."""
-        values = read_env(cls, env, minimums={"max_requests_per_client": 0, "max_service_requests": 0},
+        values = read_env(cls, env, minimums={"max_requests_per_client": 0, "max_service_requests": 0,
+                                              "reject_delay_ms": 0},
                           error=UserError)
         return cls(**values)
 
@@ -95,13 +102,28 @@ def front_config(settings: FrontSettings, host: str, port: int, upstream: str, r
               "body_buffer_bytes": min(settings.max_body_bytes, 1024 * 1024),
               # nginx started by root runs its workers as "nobody", who cannot write the run folder
               # (bodies over the buffer go to temp files there): keep them as the launching user.
-              "user_directive": "user root;" if os.geteuid() == 0 else ""}
+              "user_directive": "user root;" if os.geteuid() == 0 else "",
+              **overload_reply(settings.reject_delay_ms)}
     text = FRONT_TEMPLATE.read_text()
     for name, value in values.items():
         text = text.replace("{{" + name + "}}", str(value))
     if "{{" in text:
         raise RuntimeError(f"{FRONT_TEMPLATE}: unfilled field at {text[text.index('{{'):][:40]!r}")
     return text
+
+
+def overload_reply(delay_ms: int) -> dict[str, str]:
+    """How the front sends an overload 503: after ``delay_ms`` (nginx's echo module: ``echo_sleep``, then
+    the usual answer), else at once. A client that ignores ``Retry-After`` and retries at once would
+    otherwise make thousands of rejections a second, and their CPU is taken from the answers."""
+    if delay_ms > 0 and ECHO_MODULE.is_file():
+        return {"load_modules": f"load_module {ECHO_MODULE};", "reject_prefix": "/__front/wait",
+                "reject_wait_location": "location ~ ^/__front/wait(/__front/50[23])$ { internal; "
+                                        f"echo_sleep {delay_ms / 1000:.3f}; echo_exec $1; }}"}
+    if delay_ms > 0:
+        print(f"front: overload 503s are sent at once: FRONT_REJECT_DELAY_MS needs nginx's echo module "
+              f"(sudo apt-get install -y {ECHO_PACKAGE})", file=sys.stderr, flush=True)
+    return {"load_modules": "", "reject_prefix": "", "reject_wait_location": ""}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
