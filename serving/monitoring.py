@@ -108,10 +108,10 @@ class Monitor:
             if scores is None:
                 flags.append((None, None))
                 continue
-            ood = bool(scores[row] > self.reference.ood_threshold)
+            score, ood = self.reference.flag(scores[row])
             if ood:
                 OUT_OF_DISTRIBUTION.inc()
-            flags.append((round(float(scores[row]), 4), ood))
+            flags.append((score, ood))
         if self.log is not None:
             stats = AnswerStats(extra[:, 0], extra[:, 1], scores)
             # the record is built on the log's thread from these values: the answer pays one append
@@ -159,10 +159,8 @@ async def store_feedback(monitor: Monitor, data: bytes, label: str, settings: Se
     loop = asyncio.get_running_loop()
     if label not in monitor.classes:
         raise FieldError(f"label: {label!r} is not a class of this model (one of: {', '.join(monitor.classes)})")
-    await loop.run_in_executor(pool, uploads.check_upload, data, "image", settings)
-    # decoded whole, as /predict would: a truncated file must not reach the dataset and break preprocess
-    await loop.run_in_executor(pool, uploads.decode_upload, data, "image", monitor.image_size, monitor.channels,
-                               settings)
+    # checked and decoded whole, as /predict would: a truncated file must not reach the dataset and break preprocess
+    await loop.run_in_executor(pool, uploads.prepare, data, "image", monitor.image_size, monitor.channels, settings)
     try:
         path = await loop.run_in_executor(pool, write_feedback, monitor.paths.review_dir, data, label,
                                           monitor.classes, monitor.version)

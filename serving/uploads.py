@@ -82,13 +82,6 @@ def rejected(what: str, err: ImageError) -> ImageRejected:
     return ImageRejected(f"{what}: {err.reason}: {message}", error_code=REASON_STATUS[err.reason])
 
 
-def check_upload(data: bytes, what: str, settings: Settings) -> int:
-    """The pixel count of an upload from its header (no pixel decoding), or a 4xx exception
-    (:func:`inspect_upload`)."""
-    facts = inspect_upload(data, what, settings)
-    return facts.width * facts.height
-
-
 def prepare(data: bytes, what: str, image_size: int, channels: int, settings: Settings
             ) -> tuple[np.ndarray, UploadFacts]:
     """One upload checked and decoded in one call (one trip to a decoding thread): (uint8 C×H×W, its facts)."""
@@ -122,7 +115,7 @@ def inspect_upload(data: bytes, what: str, settings: Settings) -> UploadFacts:
 
 
 def decode_upload(data: bytes, what: str, image_size: int, channels: int, settings: Settings) -> np.ndarray:
-    """Bytes that passed :func:`check_upload` → uint8 C×H×W, as the preprocess stage makes it."""
+    """Bytes that passed :func:`inspect_upload` → uint8 C×H×W, as the preprocess stage makes it."""
     try:
         return preprocess(data, image_size, channels, settings.max_pixels, ALLOWED_FORMATS)
     except ImageError as err:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline.lib.codebase import ROOT, direct_imports, import_closure
+from pipeline.lib.config import load_params
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGES = {name: stage["cmd"].split("-m ", 1)[1].split()[0] for name, stage in DVC["stages"].items()}
@@ -110,13 +111,6 @@ def test_the_bento_ships_every_module_the_service_imports():
     assert needed <= shipped, sorted(needed - shipped)
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in values.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_lock_matches_the_committed_code_and_params(stage: str):
     """dvc.lock records the code and params each stage last ran with: when it lags behind the code, a
@@ -127,6 +121,6 @@ def test_dvc_lock_matches_the_committed_code_and_params(stage: str):
         path = ROOT / dep["path"]
         if path.is_file():
             assert hashlib.md5(path.read_bytes()).hexdigest() == dep["md5"], f"{dep['path']}: changed since dvc.lock"
-    params = _flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params = load_params(ROOT / "params.yaml").flat()
     for key, value in locked.get("params", {}).get("params.yaml", {}).items():
         assert params[key] == value, f"params.yaml {key}: {params[key]!r}, dvc.lock ran with {value!r}"

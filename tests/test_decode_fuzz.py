@@ -2,7 +2,7 @@
 
 Thousands of byte-mutated files grown from small valid PNG, JPEG, GIF, BMP, WebP and TIFF
 seeds, and hand-made malformed files of formats outside the allowlist (DDS, BLP, AVIF, SPIDER,
-PSD, ICO ...), go through ``check_upload`` + ``decode_upload`` exactly as an upload does. Each
+PSD, ICO ...), go through ``inspect_upload`` + ``decode_upload`` exactly as an upload does. Each
 must give an array or an ``ImageRejected``/``PayloadTooLarge`` with a 4xx status.
 """
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from serving.errors import ImageRejected, PayloadTooLarge
 from serving.settings import Settings
-from serving.uploads import check_upload, decode_upload
+from serving.uploads import decode_upload, inspect_upload
 
 # Pillow warns on many mutated files (corrupt EXIF, truncated tags): expected here, not news.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
@@ -93,7 +93,7 @@ def outside_allowlist() -> dict[str, bytes]:
 def through_the_decoder(data: bytes) -> int:
     """200, or the status of the declared error; anything else propagates (the test fails)."""
     try:
-        check_upload(data, "image", SETTINGS)
+        inspect_upload(data, "image", SETTINGS)
         array = decode_upload(data, "image", SIZE, CHANNELS, SETTINGS)
     except (ImageRejected, PayloadTooLarge) as err:
         status = int(err.error_code)

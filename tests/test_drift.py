@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.common.features import (
+    LOGGED_DECIMALS,
     Reference,
     UploadFacts,
     feature_records,
@@ -18,7 +19,7 @@ from pipeline.common.features import (
     ood_features,
     upload_facts,
 )
-from pipeline.lib.drift import ALPHA, LOGGED_DECIMALS, Window, as_logged, class_test, compare, ks_test, mmd_test
+from pipeline.lib.drift import ALPHA, Window, as_logged, class_test, compare, ks_test, mmd_test
 from pipeline.lib.reference import fit_ood
 
 CLASSES = ["cat", "dog", "owl"]

@@ -46,7 +46,7 @@ DEFAULTS = Settings()
 def load_image(path: Path, what: str, size: int, channels: int, settings: Settings = DEFAULTS) -> np.ndarray:
     """An upload's path as the service takes it: size, header and scan checks, then the decode."""
     data = uploads.read_file(path, what, settings)
-    uploads.check_upload(data, what, settings)
+    uploads.inspect_upload(data, what, settings)
     return uploads.decode_upload(data, what, size, channels, settings)
 
 
@@ -365,9 +365,10 @@ def test_jpeg_scans_are_counted_and_a_progressive_bomb_is_refused_before_decodin
     settings = Settings(max_bytes=10**7, max_pixels=25_000_000)
     bomb = progressive_bomb()
     with pytest.raises(ImageRejected, match="image: too_many_scans: a 5000x5000 JPEG of more than 16 scans") as caught:
-        uploads.check_upload(bomb, "image", settings)
+        uploads.inspect_upload(bomb, "image", settings)
     assert caught.value.error_code == 422 and "SERVING_MAX_SCAN_PIXELS" in str(caught.value)
-    assert uploads.check_upload(progressive_bomb(1000, 100), "image", settings) == 1000 * 1000  # 1 MP: in budget
+    facts = uploads.inspect_upload(progressive_bomb(1000, 100), "image", settings)
+    assert (facts.width, facts.height) == (1000, 1000)  # 1 MP: in budget
 
 
 # ----------------------------------------------------------------------------- the HTTP layer, in-process

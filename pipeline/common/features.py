@@ -33,6 +33,8 @@ from pipeline.common.files import write_atomic
 
 TOP_K = 3  # classes per logged answer
 EMBEDDING_DECIMALS = 5  # logged precision: enough for distances, ~8 characters a value
+LOGGED_DECIMALS = 6  # logged precision of probabilities and input statistics (drift.as_logged rounds alike)
+OOD_SCORE_DECIMALS = 4
 OOD_PERCENTILE = 99.0  # of the validation split's scores: the flag's threshold (~1 % false flags)
 
 
@@ -117,6 +119,10 @@ class Reference:
         like the training data."""
         return mahalanobis_scores(ood_features(embedding, mean_intensity, std_intensity), self.ood_means,
                                   self.ood_precision)
+
+    def flag(self, score: float) -> tuple[float, bool]:
+        """An answer's OOD score as logged and answered (rounded), and whether it is over the threshold."""
+        return round(float(score), OOD_SCORE_DECIMALS), bool(score > self.ood_threshold)
 
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` that :func:`numpy.load` reads, byte-identical for identical arrays:
@@ -208,16 +214,16 @@ def feature_records(
     for row, top in enumerate(order):
         facts = uploads[row] if uploads is not None else None
         record = {
-            "top_k": [{"class": classes[c], "probability": round(float(probabilities[row, c]), 6)} for c in top],
+            "top_k": [{"class": classes[c], "probability": round(float(probabilities[row, c]), LOGGED_DECIMALS)}
+                      for c in top],
             "predicted": int(top[0]),
-            "confidence": round(float(probabilities[row, top[0]]), 6),
-            "mean_intensity": round(float(means[row]), 6),
-            "std_intensity": round(float(stds[row]), 6),
+            "confidence": round(float(probabilities[row, top[0]]), LOGGED_DECIMALS),
+            "mean_intensity": round(float(means[row]), LOGGED_DECIMALS),
+            "std_intensity": round(float(stds[row]), LOGGED_DECIMALS),
             "upload": dict(vars(facts)) if facts is not None else None,  # asdict: 4x slower
             "embedding": rounded[row].tolist(),
         }
         if scores is not None:
-            record["ood_score"] = round(float(scores[row]), 4)
-            record["ood"] = bool(scores[row] > reference.ood_threshold)
+            record["ood_score"], record["ood"] = reference.flag(scores[row])
         records.append(record)
     return records

@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from pipeline.common.features import Reference
+from pipeline.common.features import LOGGED_DECIMALS, Reference
 
 ALPHA = 0.05  # the whole check's false-alarm rate
 PERMUTATIONS = 500  # MMD's p-value resolution is 1/501, below ALPHA / 6
 MIN_WINDOW = 30
 MMD_MAX_ROWS = 1000  # per side: the kernel matrix and each permutation grow with the square
-LOGGED_DECIMALS = 6  # what feature_records keeps of probabilities and input statistics
 
 
 @dataclass(frozen=True)
