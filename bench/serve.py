@@ -185,14 +185,21 @@ async def slow_uploader(host: str, port: int, until: float, outcomes: Counter) -
         outcomes["connection error"] += 1
 
 
+def tree(pid: int) -> list:
+    """The process ``pid`` and all its descendants (psutil.Process objects; any may exit meanwhile)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
 def server_cpu_s(server: LocalServer) -> float:
     """CPU seconds used so far by the server's process tree: unlike wall time, its ratio between
     configurations holds on a machine shared with other work."""
     import psutil
 
-    root = psutil.Process(server.process.pid)
     total = 0.0
-    for process in [root, *root.children(recursive=True)]:
+    for process in tree(server.process.pid):
         try:
             times = process.cpu_times()
             total += times.user + times.system
@@ -205,9 +212,8 @@ def tree_rss_mb(server: LocalServer) -> float:
     """Resident memory (MB) of the server's process tree: launcher, nginx, bentoml and its workers."""
     import psutil
 
-    root = psutil.Process(server.process.pid)
     total = 0
-    for process in [root, *root.children(recursive=True)]:
+    for process in tree(server.process.pid):
         try:
             total += process.memory_info().rss
         except psutil.Error:

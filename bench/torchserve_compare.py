@@ -57,6 +57,7 @@ from serve import (
     multipart,
     predict_requests,
     run_load,
+    tree,
 )
 
 from pipeline.common.cpus import usable_cpus
@@ -200,9 +201,8 @@ def top1(url: str, path: str, field: str, blobs: list[bytes]) -> list[tuple[int,
 
 def tree_breakdown(pid: int) -> str:
     """Each process of the tree at ``pid`` with its resident MB (where the memory is, not only how much)."""
-    root = psutil.Process(pid)
     parts = []
-    for process in [root, *root.children(recursive=True)]:
+    for process in tree(pid):
         try:
             words = [Path(word).name for word in process.cmdline()[:4]]
             parts.append(f"{' '.join(words)[:48]}: {process.memory_info().rss / 1e6:.0f}")
