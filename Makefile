@@ -101,8 +101,9 @@ monitor: setup
 	python -m pipeline.monitor --log $(SERVING_LOG_DIR) --model artifacts/export --last 300 \
 		--out artifacts/monitor --fail-on-drift
 
-# The CPU benchmarks; bench/serve.py needs the exported model (`make run` first) and nginx (it
-# measures the service through the front, as `make serve` runs it).
+# The CPU benchmarks; bench/serve.py needs the exported model (`make run` first), nginx (it
+# measures the service through the front, as `make serve` runs it) and, for its load generator,
+# h2load (Debian's nghttp2-client; .ci/run installs it; without it, slower Python clients).
 # bench/gpu_check.py is for a CUDA machine and is run by hand.
 bench: setup
 	python bench/preprocess.py

@@ -5,8 +5,13 @@ slow uploaders and a maximum-size batch, every figure next to a baseline from th
     python bench/serve.py --log-compare [--rounds 4]    # only: the prediction log on against off
 
 Tables (each a real ``python -m pipeline.serve`` on loopback, nginx in front of ``bentoml serve``
-as ``make serve`` runs them, the load from one asyncio process with
-keep-alive connections and prebuilt requests, so the generator costs little CPU):
+as ``make serve`` runs them). Tables 1 and 2's never-pausing clients come from h2load (Debian's
+``nghttp2-client``, a C load generator: about 10 % of one CPU at 9,000 requests/s, where this
+process's asyncio clients took 40 % and added their own event-loop delay to every latency, both
+taken from the server on a 2-core machine); ``--generator python`` (or no h2load) uses the asyncio
+clients, which also drive the polite ladder and tables 3 and 4 (Retry-After, slow uploads,
+mixed groups: what h2load cannot do). h2load sends one image (the first); the asyncio clients
+cycle through ``--distinct``. Every row shows the generator's CPU.
 
 1. ``/predict`` at ``--clients`` clients for several configurations (the defaults, batching
    off, 1 worker × all cores with onnxruntime spinning on and off, 2 workers × 1 thread with
@@ -33,10 +38,13 @@ import io
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -221,12 +229,69 @@ def tree_rss_mb(server: LocalServer) -> float:
     return total / 1e6
 
 
-def measured(server: LocalServer, groups: list[tuple[int, list[bytes]]], duration: float, **kwargs) -> tuple:
-    """:func:`run_load`, the first group's row carrying the server's CPU ms per answered request,
-    the tree's RSS before and after, and the load average at the end."""
-    before, rss_before = server_cpu_s(server), tree_rss_mb(server)
-    records, outcomes = run_load(server.url, groups, duration, **kwargs)
+def h2load_run(url: str, clients: int, request: bytes, duration: float, warm_up: float,
+               at_start: Callable[[], None] = lambda: None) -> tuple[Record, float]:
+    """``clients`` never-pausing connections from h2load (nghttp2-client, a C load generator) sending
+    ``request``'s body for ``duration`` s after ``warm_up`` s, ``at_start`` called when the measured
+    part begins; (the Record, from h2load's per-request log: requests it counts as errored are
+    status 0; h2load's CPU seconds in the measured part)."""
+    import psutil
+
+    head, body = request.split(b"\r\n\r\n", 1)
+    content_type = re.search(rb"(?i)content-type:\s*([^\r\n]+)", head).group(1).decode()
+    path = head.split(b" ")[1].decode()
+    with tempfile.TemporaryDirectory(prefix="bench-h2load-") as folder:
+        body_file, log_file = Path(folder) / "body", Path(folder) / "log.tsv"
+        body_file.write_bytes(body)
+        process = subprocess.Popen(
+            ["h2load", "--h1", "-c", str(clients), "-D", f"{round(duration * 1e3)}ms",
+             "--warm-up-time", f"{round(warm_up * 1e3)}ms", "-d", str(body_file), "-H", f"content-type: {content_type}",
+             "--log-file", str(log_file), url + path],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        before = os.times()
+        time.sleep(warm_up)
+        at_start()
+        warm = psutil.Process(process.pid).cpu_times()
+        stdout, stderr = process.communicate(timeout=duration + warm_up + 120)
+        after = os.times()
+        if process.returncode != 0:
+            raise RuntimeError(f"h2load exited {process.returncode}: {stderr.strip() or stdout[-500:]}")
+        rows = np.loadtxt(log_file, dtype=np.int64, ndmin=2) if log_file.stat().st_size else np.zeros((0, 3), int)
+    record = Record()
+    # Status 0 in the log: a response whose head came in the warm-up (not measured), or a failed
+    # request; h2load counts the failed ones in its summary, which adds them back as status 0.
+    record.samples = [(int(status), us / 1e3) for _, status, us in rows.tolist() if status]
+    errored = re.search(r"(\d+) errored, (\d+) timeout", stdout)
+    record.samples += [(0, float("nan"))] * (sum(map(int, errored.groups())) if errored else 0)
+    record.start, record.end = 0.0, duration
+    cpu_s = after.children_user + after.children_system - before.children_user - before.children_system
+    return record, cpu_s - warm.user - warm.system
+
+
+def measured(server: LocalServer, groups: list[tuple[int, list[bytes]]], duration: float,
+             generator: str = "python", **kwargs) -> tuple:
+    """:func:`run_load` (or, ``generator="h2load"``, :func:`h2load_run` on the first group with its
+    first request, after a 2 s warm-up), the first group's row carrying the server's CPU ms per
+    answered request, the generator's CPU (% of one CPU), the tree's RSS before and after, and the
+    load average at the end."""
+    start: dict[str, float] = {}
+
+    def at_start() -> None:
+        start.update(cpu=server_cpu_s(server), rss=tree_rss_mb(server))
+
+    if generator == "h2load":
+        (count, requests), = groups
+        record, generator_s = h2load_run(server.url, count, requests[0], duration, 2.0, at_start)
+        records, outcomes = [record], Counter()
+    else:
+        at_start()
+        own = os.times()
+        records, outcomes = run_load(server.url, groups, duration, **kwargs)
+        spent = os.times()  # the load generator is this process
+        generator_s = spent.user + spent.system - own.user - own.system
+    before, rss_before = start["cpu"], start["rss"]
     rows = [record.row() for record in records]
+    rows[0]["gen cpu %"] = 100 * generator_s / duration
     answered = sum(n for row in rows for status, n in row["statuses"].items() if status)
     rows[0]["cpu ms"] = 1e3 * (server_cpu_s(server) - before) / answered if answered else float("nan")
     rows[0]["rss MB"], rows[0]["rss after"] = rss_before, tree_rss_mb(server)
@@ -316,7 +381,15 @@ def main() -> int:
     parser.add_argument("--log-compare", action="store_true",
                         help="only /predict with the prediction log on (the default) and off (SERVING_LOG=off), "
                              "in alternating rounds (issue 19's target: on >= 0.95x off)")
+    parser.add_argument("--generator", choices=["auto", "h2load", "python"], default="auto",
+                        help="load generator of table 1 and the never-pausing ladder: h2load (Debian's "
+                             "nghttp2-client; auto when installed) or this process's asyncio clients")
     args = parser.parse_args()
+    if args.generator == "auto":
+        args.generator = "h2load" if shutil.which("h2load") else "python"
+    elif args.generator == "h2load" and not shutil.which("h2load"):
+        print("error: h2load not found: apt-get install nghttp2-client (or --generator python)", file=sys.stderr)
+        return 2
     if not (args.model_dir / "classifier.onnx").is_file():
         print(f"error: {args.model_dir}/classifier.onnx not found (run `python -m pipeline.export`)", file=sys.stderr)
         return 2
@@ -368,8 +441,9 @@ def main() -> int:
                 print(f"table 1, round {round_ + 1}: {name} ...", flush=True)
                 server = servers.start(**configs[name])
                 try:
-                    run_load(server.url, [(args.clients, requests)], 2)  # warm-up, and the batcher's calibration
-                    row = measured(server, [(args.clients, requests)], d)[0][0]
+                    if args.generator == "python":  # (h2load warms up inside its run)
+                        run_load(server.url, [(args.clients, requests)], 2)  # and the batcher calibrates
+                    row = measured(server, [(args.clients, requests)], d, args.generator)[0][0]
                 finally:
                     server.stop()
                 row["rounds"] = [*table1.get(name, {}).get("rounds", []), round(row["ok/s"], 1)]
@@ -378,7 +452,7 @@ def main() -> int:
             table1[name] = max(table1[name], row, key=lambda r: r["ok/s"])
         if args.table1_only:
             print(f"load average after the runs: {os.getloadavg()[0]:.1f}")
-            print_table1(table1, configs, args.clients)
+            print_table1(table1, configs, args.clients, args.generator)
             return 0
 
         server = servers.start()
@@ -387,7 +461,7 @@ def main() -> int:
             ladder, polite = {}, {}
             for count in [int(c) for c in args.ladder.split(",")]:
                 print(f"table 2: {count} clients ...", flush=True)
-                ladder[count] = measured(server, [(count, requests)], d)[0][0]
+                ladder[count] = measured(server, [(count, requests)], d, args.generator)[0][0]
                 polite[count] = measured(server, [(count, requests)], d, polite=True)[0][0]
             print("table 3: slow uploaders ...", flush=True)
             alone = run_load(server.url, [(8, requests)], d)[0][0].row()
@@ -401,14 +475,16 @@ def main() -> int:
             server.stop()
     print(f"load average after the runs: {os.getloadavg()[0]:.1f}")
 
-    ceiling_rps, best = print_table1(table1, configs, args.clients)
+    ceiling_rps, best = print_table1(table1, configs, args.clients, args.generator)
     cpus = usable_cpus()
 
-    ladder_keys = ["attempts/s", "ok/s", "p50", "p99", "503 p50", "503 p99", "cpu ms", "gen lag p99", "rss MB",
-                   "rss after", "load"]
-    for title, table in (("clients never pause", ladder), ("clients wait Retry-After after a 503", polite)):
-        print(f"\nTable 2: overload ladder on the defaults ({title}; ms; lag p99 = the load generator's own "
-              "event-loop delay, included in every latency)")
+    ladder_keys = ["attempts/s", "ok/s", "p50", "p99", "503 p50", "503 p99", "cpu ms", "gen lag p99", "gen cpu %",
+                   "rss MB", "rss after", "load"]
+    for title, table in ((f"clients never pause, from {args.generator}", ladder),
+                         ("clients wait Retry-After after a 503, from python", polite)):
+        print(f"\nTable 2: overload ladder on the defaults ({title}; ms; lag p99 = the python generator's own "
+              "event-loop delay, included in every latency; cpu % = the generator's CPU, % of one CPU, taken from "
+              "the server's)")
         print(f"{'clients':>8} " + " ".join(f"{k.removeprefix('gen '):>9}" for k in ladder_keys) + " statuses")
         for count, row in table.items():
             print(f"{count:8d} {fmt(row, ladder_keys)} {row['statuses']}")
@@ -477,14 +553,16 @@ def main() -> int:
     return 0
 
 
-def print_table1(table1: dict[str, dict], configs: dict[str, dict], clients: int) -> tuple[float, str]:
+def print_table1(table1: dict[str, dict], configs: dict[str, dict], clients: int,
+                 generator: str) -> tuple[float, str]:
     """Table 1 and its two targets; (the in-process loop's images/s, the best configuration's name)."""
-    keys = ["ok/s", "p50", "p99", "cpu ms", "load"]
+    keys = ["ok/s", "p50", "p99", "cpu ms", "gen cpu %", "load"]
     ceiling_rps = table1["in-process loop, batch 1"]["ok/s"]
     best = max((name for name in configs), key=lambda n: table1[n]["ok/s"])
-    print(f"\nTable 1: /predict at {clients} clients (ok/s = answers/s; ms; cpu ms = the server's CPU time "
-          "per answer, the figure that holds on a shared machine)")
-    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'cpu ms':>9} {'load':>9} {'x loop':>9} {'x best':>9} "
+    print(f"\nTable 1: /predict at {clients} clients from {generator} (ok/s = answers/s; ms; cpu ms = the server's "
+          "CPU time per answer, the figure that holds on a shared machine; gen cpu % = the load generator's)")
+    print(f"{'':40} {'ok/s':>9} {'p50':>9} {'p99':>9} {'cpu ms':>9} {'gen cpu %':>9} {'load':>9} {'x loop':>9} "
+          f"{'x best':>9} "
           f"{'cpu est':>9} "
           "ok/s per round; statuses")
     cpus = usable_cpus()

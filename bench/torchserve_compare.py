@@ -22,8 +22,9 @@ model cards must agree: architecture, classes, input, normalisation, MLflow run)
   set, which is unset here).
 
 The two run one after the other (never together), each driven by ``bench/serve.py``'s closed-loop
-load generator (the same prebuilt images, keep-alive clients that never pause) at each ``--ladder``
-client count for ``--duration`` seconds after a warm-up. Each row: ok/s, p50/p99 of the 200s (ms),
+load generator (keep-alive clients that never pause: h2load, one prebuilt image, when installed;
+else the asyncio clients cycling through the prebuilt images) at each ``--ladder`` client count
+for ``--duration`` seconds after a warm-up. Each row: ok/s, p50/p99 of the 200s (ms),
 status counts (0 = connection error), the resident memory of the whole process tree before and
 after (ours: launcher, nginx, bentoml and its workers; TorchServe: the ``torchserve`` launcher, java
 and its Python workers), the 1-minute load average, and the ratios ours/theirs. First both servers
@@ -211,13 +212,14 @@ def tree_breakdown(pid: int) -> str:
     return "; ".join(parts)
 
 
-def ladder_rows(server, requests: list[bytes], ladder: list[int], duration: float, name: str) -> dict[int, dict]:
+def ladder_rows(server, requests: list[bytes], ladder: list[int], duration: float, name: str,
+                generator: str) -> dict[int, dict]:
     run_load(server.url, [(8, requests)], min(2.0, duration))  # warm-up (and our batcher's calibration)
     print(f"{name}'s process tree after the warm-up (MB): {tree_breakdown(server.process.pid)}", flush=True)
     rows = {}
     for count in ladder:
         print(f"{name}: {count} clients ...", flush=True)
-        rows[count] = measured(server, [(count, requests)], duration)[0][0]
+        rows[count] = measured(server, [(count, requests)], duration, generator)[0][0]
     return rows
 
 
@@ -232,7 +234,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per client count")
     parser.add_argument("--ladder", default="1,8,32,128", help="client counts")
     parser.add_argument("--venv", type=Path, default=ROOT / ".venv-torchserve", help="TorchServe's environment")
+    parser.add_argument("--generator", choices=["auto", "h2load", "python"], default="auto",
+                        help="load generator: h2load (Debian's nghttp2-client; auto when installed) or "
+                             "bench/serve.py's asyncio clients")
     args = parser.parse_args()
+    if args.generator == "auto":
+        args.generator = "h2load" if shutil.which("h2load") else "python"
     for path, what in ((args.model_dir / "classifier.onnx", "run `make run` (the export stage)"),
                        (args.trained, "run `make run` (the train stage)"),
                        (args.venv / "bin" / "torchserve", f"run `{SETUP}`")):
@@ -248,7 +255,7 @@ def main() -> int:
     print(f"{card['architecture']}, input {channels}x{size}x{size}, {len(card['classes'])} classes; {len(blobs)} "
           f"distinct images; {os.cpu_count()} CPUs ({usable_cpus()} usable); {args.duration:g} s per client count; "
           f"TorchServe: {WORKERS} workers, batch {BATCH_SIZE}, {MAX_BATCH_DELAY_MS} ms delay, {TORCH_THREADS} torch "
-          f"thread(s); load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"thread(s); load from {args.generator}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-torchserve-") as home:
         print("starting TorchServe ...", flush=True)
@@ -256,7 +263,7 @@ def main() -> int:
         try:
             theirs.wait_ready()
             theirs_top1 = top1(theirs.url, f"/predictions/{MODEL_NAME}", "data", blobs)
-            theirs_rows = ladder_rows(theirs, theirs_requests, ladder, args.duration, "TorchServe")
+            theirs_rows = ladder_rows(theirs, theirs_requests, ladder, args.duration, "TorchServe", args.generator)
         finally:
             theirs.stop()
         print("starting ours (python -m pipeline.serve) ...", flush=True)
@@ -265,7 +272,7 @@ def main() -> int:
         ours = Servers(args.model_dir, ours_home).start()
         try:
             ours_top1 = top1(ours.url, "/predict", "image", blobs)
-            ours_rows = ladder_rows(ours, ours_requests, ladder, args.duration, "ours")
+            ours_rows = ladder_rows(ours, ours_requests, ladder, args.duration, "ours", args.generator)
         finally:
             ours.stop()
     left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
@@ -278,8 +285,9 @@ def main() -> int:
     print(f"\nSame model: top-1 class agrees on {agree}/{len(blobs)} images (largest top-1 probability gap "
           f"{gap:.2g}: onnxruntime vs eager PyTorch, float32)")
 
-    keys = ["ok/s", "p50", "p99", "rss MB", "rss after", "load"]
-    print("\n/predict, clients that never pause (ms; rss = MB of the process tree before and after the step)")
+    keys = ["ok/s", "p50", "p99", "gen cpu %", "rss MB", "rss after", "load"]
+    print(f"\n/predict, clients that never pause, from {args.generator} (ms; gen cpu % = the load generator's CPU, "
+          "% of one CPU; rss = MB of the process tree before and after the step)")
     print(f"{'clients':>8} {'':>10} " + " ".join(f"{k:>9}" for k in keys) + f" {'x ok/s':>7} {'x p99':>7} statuses")
     for count in ladder:
         o, t = ours_rows[count], theirs_rows[count]
