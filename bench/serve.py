@@ -248,13 +248,18 @@ def h2load_run(url: str, clients: int, request: bytes, duration: float, warm_up:
         process = subprocess.Popen(
             ["h2load", "--h1", "-c", str(clients), "-D", f"{round(duration * 1e3)}ms",
              "--warm-up-time", f"{round(warm_up * 1e3)}ms", "-d", str(body_file), "-H", f"content-type: {content_type}",
-             "--log-file", str(log_file), url + path],
+             # a request with no answer for 10 s counts as a timeout (status 0): without this a
+             # server that drops requests silently (TorchServe with a full queue) holds h2load forever
+             "-N", "10s", "--log-file", str(log_file), url + path],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         before = os.times()
         time.sleep(warm_up)
         at_start()
         warm = psutil.Process(process.pid).cpu_times()
-        stdout, stderr = process.communicate(timeout=duration + warm_up + 120)
+        try:
+            stdout, stderr = process.communicate(timeout=duration + warm_up + 60)
+        finally:
+            process.kill()  # (no-op once it has exited)
         after = os.times()
         if process.returncode != 0:
             raise RuntimeError(f"h2load exited {process.returncode}: {stderr.strip() or stdout[-500:]}")
