@@ -248,18 +248,19 @@ def h2load_run(url: str, clients: int, request: bytes, duration: float, warm_up:
         process = subprocess.Popen(
             ["h2load", "--h1", "-c", str(clients), "-D", f"{round(duration * 1e3)}ms",
              "--warm-up-time", f"{round(warm_up * 1e3)}ms", "-d", str(body_file), "-H", f"content-type: {content_type}",
-             # a request with no answer for 10 s counts as a timeout (status 0): without this a
-             # server that drops requests silently (TorchServe with a full queue) holds h2load forever
-             "-N", "10s", "--log-file", str(log_file), url + path],
+             "--log-file", str(log_file), url + path],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         before = os.times()
         time.sleep(warm_up)
         at_start()
         warm = psutil.Process(process.pid).cpu_times()
         try:
-            stdout, stderr = process.communicate(timeout=duration + warm_up + 60)
-        finally:
-            process.kill()  # (no-op once it has exited)
+            stdout, stderr = process.communicate(timeout=duration + 30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise RuntimeError("h2load did not finish its timed run: Debian 12's (nghttp2 1.52) may hang against a "
+                               "server that closes connections (nghttp2 issue 2250); use --generator python") from None
         after = os.times()
         if process.returncode != 0:
             raise RuntimeError(f"h2load exited {process.returncode}: {stderr.strip() or stdout[-500:]}")
