@@ -218,14 +218,13 @@ def ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else float("inf")
 
 
-def ladder_rows(server, requests: list[bytes], ladder: list[int], duration: float, name: str,
-                generator: str) -> dict[int, dict]:
+def ladder_rows(server, requests: list[bytes], ladder: list[int], duration: float, name: str) -> dict[int, dict]:
     run_load(server.url, [(8, requests)], min(2.0, duration))  # warm-up (and our batcher's calibration)
     print(f"{name}'s process tree after the warm-up (MB): {tree_breakdown(server.process.pid)}", flush=True)
     rows = {}
     for count in ladder:
         print(f"{name}: {count} clients ...", flush=True)
-        rows[count] = measured(server, [(count, requests)], duration, generator)[0][0]
+        rows[count] = measured(server, [(count, requests)], duration)[0][0]  # the asyncio clients
     return rows
 
 
@@ -241,7 +240,6 @@ def main() -> int:
     parser.add_argument("--ladder", default="1,8,32,128", help="client counts")
     parser.add_argument("--venv", type=Path, default=ROOT / ".venv-torchserve", help="TorchServe's environment")
     args = parser.parse_args()
-    args.generator = "python"  # h2load gets no answer it can read from TorchServe (module docstring)
     for path, what in ((args.model_dir / "classifier.onnx", "run `make run` (the export stage)"),
                        (args.trained, "run `make run` (the train stage)"),
                        (args.venv / "bin" / "torchserve", f"run `{SETUP}`")):
@@ -257,7 +255,7 @@ def main() -> int:
     print(f"{card['architecture']}, input {channels}x{size}x{size}, {len(card['classes'])} classes; {len(blobs)} "
           f"distinct images; {os.cpu_count()} CPUs ({usable_cpus()} usable); {args.duration:g} s per client count; "
           f"TorchServe: {WORKERS} workers, batch {BATCH_SIZE}, {MAX_BATCH_DELAY_MS} ms delay, {TORCH_THREADS} torch "
-          f"thread(s); load from {args.generator}; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"thread(s); load from asyncio clients; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-torchserve-") as home:
         print("starting TorchServe ...", flush=True)
@@ -265,7 +263,7 @@ def main() -> int:
         try:
             theirs.wait_ready()
             theirs_top1 = top1(theirs.url, f"/predictions/{MODEL_NAME}", "data", blobs)
-            theirs_rows = ladder_rows(theirs, theirs_requests, ladder, args.duration, "TorchServe", args.generator)
+            theirs_rows = ladder_rows(theirs, theirs_requests, ladder, args.duration, "TorchServe")
         finally:
             theirs.stop()
         print("starting ours (python -m pipeline.serve) ...", flush=True)
@@ -274,7 +272,7 @@ def main() -> int:
         ours = Servers(args.model_dir, ours_home).start()
         try:
             ours_top1 = top1(ours.url, "/predict", "image", blobs)
-            ours_rows = ladder_rows(ours, ours_requests, ladder, args.duration, "ours", args.generator)
+            ours_rows = ladder_rows(ours, ours_requests, ladder, args.duration, "ours")
         finally:
             ours.stop()
     left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
@@ -288,7 +286,7 @@ def main() -> int:
           f"{gap:.2g}: onnxruntime vs eager PyTorch, float32)")
 
     keys = ["ok/s", "p50", "p99", "gen cpu %", "rss MB", "rss after", "load"]
-    print(f"\n/predict, clients that never pause, from {args.generator} (ms; gen cpu % = the load generator's CPU, "
+    print("\n/predict, clients that never pause, from asyncio clients (ms; gen cpu % = the load generator's CPU, "
           "% of one CPU; rss = MB of the process tree before and after the step)")
     print(f"{'clients':>8} {'':>10} " + " ".join(f"{k:>9}" for k in keys) + f" {'x ok/s':>7} {'x p99':>7} statuses")
     for count in ladder:
